@@ -1,0 +1,407 @@
+"""Long-format tables to padded unit tensors.
+
+A data set is a collection of independent *units* (a user's history, a basket, a day). Each row of
+the long table is one *observation* of a unit: a **key** (what the observation is about), a
+**value** (what is modelled) and an optional **order**. :class:`EFAData` holds the units as padded
+``(num_units, max_len)`` tensors with masks, the key vocabulary, and the index of each unit in the
+data set it was cut from, so that minibatches scale the likelihood correctly.
+
+Two kinds of data:
+
+- ``"valued"``: keys are labels (a movie id, a city) or tuples of numbers (coordinates); values are
+  numbers (ratings, counts, temperatures, 0/1, class indices).
+- ``"items"``: item sequences (baskets, watch histories). The value *is* the item (a categorical
+  over the item vocabulary) and the key is the position in the unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = ["EFAData", "Vocabulary"]
+
+OOV_LABEL = "<oov>"
+
+
+@dataclasses.dataclass
+class Vocabulary:
+    """Labels of a discrete vocabulary, and optional numeric features of each label.
+
+    :ivar list labels: one label per index (a scalar, or a tuple for multi-column keys).
+    :ivar ~torch.Tensor features: ``(len(labels), num_features)`` numbers of each label, or None.
+    :ivar bool oov: whether the last index is an explicit out-of-vocabulary row.
+    """
+
+    labels: list[Any]
+    features: torch.Tensor | None = None
+    oov: bool = False
+
+    def __post_init__(self) -> None:
+        self._index = {label: i for i, label in enumerate(self.labels)}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def lookup(self, labels: Sequence[Hashable], column: str) -> np.ndarray:
+        """Indices of ``labels``; unknown labels map to the OOV row or raise ``ValueError``."""
+        codes = pd.Series(list(labels), dtype=object).map(self._index)
+        missing = codes.isna().to_numpy()
+        if missing.any():
+            if not self.oov:
+                unknown = pd.unique(np.asarray(list(labels), dtype=object)[missing])
+                raise ValueError(
+                    f"column {column!r}: {len(unknown)} value(s) not in the fitted vocabulary, "
+                    f"e.g. {unknown[:5].tolist()}; refit, drop these rows, or build the data with "
+                    "oov=True to map them to an explicit out-of-vocabulary row"
+                )
+            codes[missing] = len(self.labels) - 1
+        return codes.to_numpy(dtype=np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (labels as lists)."""
+        labels = [list(x) if isinstance(x, tuple) else _json_scalar(x) for x in self.labels]
+        feats = None if self.features is None else self.features.tolist()
+        return {"labels": labels, "features": feats, "oov": self.oov}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Vocabulary:
+        labels = [tuple(x) if isinstance(x, list) else x for x in d["labels"]]
+        feats = None if d["features"] is None else torch.tensor(d["features"], dtype=torch.float64)
+        return cls(labels=labels, features=feats, oov=bool(d["oov"]))
+
+
+def _json_scalar(x: Any) -> Any:
+    return x.item() if isinstance(x, np.generic) else x
+
+
+@dataclasses.dataclass
+class EFAData:
+    """Units as padded tensors.
+
+    Shapes: ``U`` units, ``L`` the longest unit.
+
+    :ivar str kind: ``"valued"`` or ``"items"``.
+    :ivar ~torch.Tensor key_index: ``(U, L)`` long, index into :attr:`keys` (0 for items data).
+    :ivar ~torch.Tensor values: ``(U, L)`` float; item indices for items data.
+    :ivar ~torch.Tensor mask: ``(U, L)`` bool, True for real (non-padding) observations.
+    :ivar ~torch.Tensor target: ``(U, L)`` bool, True for modelled observations (not context-only).
+    :ivar ~torch.Tensor unit_index: ``(U,)`` long, index of each unit in the full data set.
+    :ivar int num_units: number of units of the full data set (the plate size).
+    :ivar Vocabulary keys: key vocabulary (one dummy key for items data).
+    :ivar Vocabulary items: item vocabulary (items data only).
+    :ivar list unit_labels: the original unit identifiers.
+    :ivar dict columns: the column names the data came from.
+    """
+
+    kind: str
+    key_index: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+    unit_index: torch.Tensor
+    num_units: int
+    keys: Vocabulary
+    items: Vocabulary | None
+    unit_labels: list[Any]
+    columns: dict[str, Any]
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pandas(
+        cls,
+        df: pd.DataFrame,
+        unit: str,
+        key: str | Sequence[str] | None = None,
+        value: str | None = None,
+        order: str | None = None,
+        context: str | None = None,
+        *,
+        keys: Vocabulary | None = None,
+        items: Vocabulary | None = None,
+        oov: bool = False,
+        ties: str = "error",
+    ) -> EFAData:
+        """Build units from a long-format table, one row per observation.
+
+        :param ~pandas.DataFrame df: the table.
+        :param str unit: column identifying the unit (user, basket, day).
+        :param key: key column, or several numeric columns (coordinates, a lag) forming one key.
+        :param str value: value column. Omit it for item sequences: the ``key`` column then holds
+            the items and the key of each observation is its position.
+        :param str order: column giving the order of observations within a unit (time stamps,
+            ranks). Without it the row order of ``df`` is kept.
+        :param str context: optional boolean column; True marks context-only observations, which
+            feed other observations' contexts but are not modelled.
+        :param Vocabulary keys: a fitted key vocabulary (at predict time); new keys are an error
+            unless it has an OOV row.
+        :param Vocabulary items: a fitted item vocabulary (items data at predict time).
+        :param bool oov: when building a new vocabulary, add an explicit out-of-vocabulary row.
+        :param str ties: ``"error"`` (default) rejects two observations of one unit with the same
+            ``order`` value; ``"keep"`` keeps their row order.
+        :raises ValueError: for a missing column, an empty table, NaN / inf / non-numeric values,
+            duplicate order values (with ``ties="error"``), or keys not in ``keys``.
+        """
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
+        key_cols = [key] if isinstance(key, str) else list(key or [])
+        if not key_cols:
+            raise ValueError("a key column is required (for item sequences: the item column)")
+        if ties not in ("error", "keep"):
+            raise ValueError(f"ties must be 'error' or 'keep', got {ties!r}")
+        needed = [unit, *key_cols] + [c for c in (value, order, context) if c is not None]
+        missing = [c for c in needed if c not in df.columns]
+        if missing:
+            raise ValueError(f"column(s) {missing} not in the table; it has {list(df.columns)}")
+        if len(df) == 0:
+            raise ValueError("the table is empty: no observations to build units from")
+        kind = "valued" if value is not None else "items"
+        if kind == "items" and len(key_cols) != 1:
+            raise ValueError("item sequences take exactly one item column as key")
+        for c in (unit, *key_cols):
+            if df[c].isna().any():
+                row = df.index[df[c].isna().to_numpy()][0]
+                raise ValueError(f"column {c!r} has a missing value (row {row!r})")
+
+        df = df.reset_index(drop=True)
+        if order is not None:
+            _check_numeric(df, order, unit)
+            df = df.sort_values([unit, order], kind="stable")
+            if ties == "error":
+                dup = df.duplicated([unit, order], keep=False).to_numpy()
+                if dup.any():
+                    first = df[dup].iloc[0]
+                    raise ValueError(
+                        f"unit {first[unit]!r} has several observations with {order!r} = "
+                        f"{first[order]!r}; their order is ambiguous (pass ties='keep' to keep the "
+                        "row order, or drop duplicates)"
+                    )
+        else:
+            df = df.sort_values(unit, kind="stable")
+        unit_codes, unit_labels = pd.factorize(df[unit], sort=True)
+        num_units = len(unit_labels)
+        pos = df.groupby(unit_codes, sort=False).cumcount().to_numpy()
+        lengths = np.bincount(unit_codes, minlength=num_units)
+        max_len = int(lengths.max())
+
+        columns: dict[str, Any] = {
+            "unit": unit,
+            "key": key_cols,
+            "value": value,
+            "order": order,
+            "context": context,
+        }
+        item_vocab = None
+        if kind == "items":
+            item_col = key_cols[0]
+            if items is None:
+                labels = sorted(pd.unique(df[item_col]).tolist(), key=_sort_key)
+                if oov:
+                    labels.append(OOV_LABEL)
+                items = Vocabulary(labels=labels, oov=oov)
+            vals = items.lookup(df[item_col].tolist(), item_col).astype(np.float64)
+            key_codes = np.zeros(len(df), dtype=np.int64)
+            item_vocab = items
+            if keys is None:
+                keys = Vocabulary(labels=["position"])
+        else:
+            assert value is not None
+            vals = _check_numeric(df, value, unit)
+            if keys is None:
+                keys = _build_key_vocab(df, key_cols, oov)
+            labels_in = (
+                df[key_cols[0]].tolist()
+                if len(key_cols) == 1
+                else list(df[key_cols].itertuples(index=False, name=None))
+            )
+            key_codes = keys.lookup(labels_in, ", ".join(key_cols))
+
+        is_target = np.ones(len(df), dtype=bool)
+        if context is not None:
+            col = df[context]
+            if col.dtype != bool:
+                raise ValueError(f"context column {context!r} must be boolean (True = context only)")
+            is_target = ~col.to_numpy()
+
+        dtype = torch.get_default_dtype()
+        shape = (num_units, max_len)
+        key_index = np.zeros(shape, dtype=np.int64)
+        values = np.zeros(shape, dtype=np.float64)
+        mask = np.zeros(shape, dtype=bool)
+        target = np.zeros(shape, dtype=bool)
+        key_index[unit_codes, pos] = key_codes
+        values[unit_codes, pos] = vals
+        mask[unit_codes, pos] = True
+        target[unit_codes, pos] = is_target
+        return cls(
+            kind=kind,
+            key_index=torch.from_numpy(key_index),
+            values=torch.from_numpy(values).to(dtype),
+            mask=torch.from_numpy(mask),
+            target=torch.from_numpy(target),
+            unit_index=torch.arange(num_units),
+            num_units=num_units,
+            keys=keys,
+            items=item_vocab,
+            unit_labels=list(unit_labels),
+            columns=columns,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Number of observations of each unit, ``(U,)``."""
+        return self.mask.sum(-1)
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.size(-1)
+
+    @property
+    def num_observations(self) -> int:
+        """Number of modelled observations."""
+        return int(self.target.sum())
+
+    def __len__(self) -> int:
+        return self.key_index.size(0)
+
+    def __repr__(self) -> str:
+        return (
+            f"EFAData(kind={self.kind!r}, units={len(self)}, observations={int(self.mask.sum())}, "
+            f"targets={self.num_observations}, keys={len(self.keys)}, max_len={self.max_len}"
+            + (f", items={len(self.items)})" if self.items is not None else ")")
+        )
+
+    def subset(self, index: torch.Tensor | Sequence[int], reindex: bool = False) -> EFAData:
+        """Units at positions ``index`` (trimmed to their longest unit).
+
+        :param bool reindex: make the subset a data set of its own (``num_units = len(index)``);
+            by default it stays a minibatch of this data set, for plate scaling.
+        """
+        index = torch.as_tensor(index, dtype=torch.long)
+        mask = self.mask[index]
+        width = int(mask.sum(-1).max()) if len(index) else 0
+        return dataclasses.replace(
+            self,
+            key_index=self.key_index[index, :width],
+            values=self.values[index, :width],
+            mask=mask[:, :width],
+            target=self.target[index, :width],
+            unit_index=torch.arange(len(index)) if reindex else self.unit_index[index],
+            num_units=len(index) if reindex else self.num_units,
+            unit_labels=[self.unit_labels[i] for i in index.tolist()],
+        )
+
+    def split(self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> tuple[EFAData, ...]:
+        """Split by unit into independent data sets of the given fractions (seeded).
+
+        Sizes are rounded down except the last, which takes the rest.
+        """
+        total = float(sum(fractions))
+        if any(f < 0 for f in fractions) or total <= 0:
+            raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        sizes = [int(len(self) * f / total) for f in fractions[:-1]]
+        sizes.append(len(self) - sum(sizes))
+        parts = torch.split(perm, sizes)
+        return tuple(self.subset(p.sort().values, reindex=True) for p in parts)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        bucket: bool = True,
+    ) -> Iterator[EFAData]:
+        """Minibatches of units (views of this data set, for plate subsampling).
+
+        With ``bucket=True`` units of similar length share a batch (less padding): units are
+        sorted by length within random chunks of ``50 * batch_size`` units, cut into batches, and
+        the batches visited in random order.
+        """
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if bucket:
+            lengths = self.lengths[order]
+            chunk = 50 * batch_size
+            pieces = []
+            for start in range(0, n, chunk):
+                sub = order[start : start + chunk]
+                pieces.append(sub[torch.argsort(lengths[start : start + chunk], stable=True)])
+            order = torch.cat(pieces) if pieces else order
+        batches = list(torch.split(order, batch_size))
+        if shuffle and bucket:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        for b in batches:
+            yield self.subset(b)
+
+    def to(self, device: torch.device | str) -> EFAData:
+        """A copy with tensors on ``device``."""
+        return dataclasses.replace(
+            self,
+            key_index=self.key_index.to(device),
+            values=self.values.to(device),
+            mask=self.mask.to(device),
+            target=self.target.to(device),
+            unit_index=self.unit_index.to(device),
+        )
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The observations as a long table: unit, position, key, value, target."""
+        u, p = torch.nonzero(self.mask, as_tuple=True)
+        out = pd.DataFrame(
+            {
+                "unit": [self.unit_labels[i] for i in u.tolist()],
+                "position": p.numpy(),
+                "key": [self.keys.labels[i] for i in self.key_index[u, p].tolist()],
+                "value": self.values[u, p].numpy(),
+                "target": self.target[u, p].numpy(),
+            }
+        )
+        if self.items is not None:
+            out["value"] = [self.items.labels[int(i)] for i in out["value"]]
+        return out
+
+
+def _sort_key(x: Any) -> tuple[str, Any]:
+    # sort mixed label types deterministically (numbers before strings)
+    return (type(x).__name__, x)
+
+
+def _check_numeric(df: pd.DataFrame, column: str, unit: str) -> np.ndarray:
+    series = df[column]
+    if not (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
+        raise ValueError(f"column {column!r} must be numeric, got dtype {series.dtype}")
+    x = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"column {column!r} has {int(bad.sum())} NaN/inf value(s), first in unit "
+            f"{df[unit].iloc[i]!r} (value {x[i]!r}); drop or impute them"
+        )
+    return x
+
+
+def _build_key_vocab(df: pd.DataFrame, key_cols: list[str], oov: bool) -> Vocabulary:
+    numeric = all(pd.api.types.is_numeric_dtype(df[c]) for c in key_cols)
+    if len(key_cols) == 1:
+        labels = sorted(pd.unique(df[key_cols[0]]).tolist(), key=_sort_key)
+        feats = [[float(x)] for x in labels] if numeric else None
+    else:
+        if not numeric:
+            bad = [c for c in key_cols if not pd.api.types.is_numeric_dtype(df[c])]
+            raise ValueError(f"multi-column keys must be numeric; non-numeric: {bad}")
+        labels = sorted(set(df[key_cols].itertuples(index=False, name=None)))
+        feats = [list(map(float, x)) for x in labels]
+    if oov:
+        labels.append(OOV_LABEL)
+        if feats is not None:
+            feats.append([0.0] * len(feats[0]))
+    features = None if feats is None else torch.tensor(feats, dtype=torch.float64)
+    return Vocabulary(labels=labels, features=features, oov=oov)

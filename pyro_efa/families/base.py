@@ -1,0 +1,141 @@
+"""Base class and registry for exponential families.
+
+A family maps the network output ``eta`` (the natural parameter, on the scale of the family's
+natural link) to a :class:`pyro.distributions.TorchDistribution`, and checks that observed values
+lie in its support. Families with extra parameters (a Gaussian scale, a negative-binomial
+dispersion, a Gamma shape) hold them as :class:`~pyro.nn.PyroParam` point estimates, shared or
+one per key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from pyro.distributions import TorchDistribution
+from pyro.nn import PyroModule
+from torch.distributions import constraints
+
+__all__ = ["FAMILIES", "Family", "get_family", "register_family"]
+
+
+class Family(PyroModule):
+    r"""An exponential family with its natural (canonical or log-mean) link.
+
+    Observation ``x`` with natural parameter ``eta`` has density
+
+    .. math::
+
+        p(x \mid \eta) = h(x) \exp\big(\eta^\top t(x) - A(\eta)\big),
+
+    where for families with a nuisance parameter (scale, dispersion, shape) ``eta`` is the
+    parameter the network predicts (the mean or log-mean) and the nuisance parameter is a point
+    estimate held by the family.
+
+    Subclasses set the class attributes and implement :meth:`dist`.
+
+    :param int num_keys: number of keys; per-key parameters get one entry per key.
+    :param bool per_key: whether the nuisance parameter (if any) is one per key.
+    """
+
+    #: registry name
+    name: ClassVar[str] = ""
+    #: the support of observed values
+    support: ClassVar[constraints.Constraint] = constraints.real
+    #: whether values are integers (stored as floats in :class:`~pyro_efa.data.EFAData`)
+    is_discrete: ClassVar[bool] = False
+    #: whether the mean of the distribution has a closed form used by :meth:`mean`
+    has_closed_form_mean: ClassVar[bool] = True
+    #: a value inside the support, used to fill masked (padding) positions before ``log_prob``
+    fill_value: ClassVar[float] = 0.0
+
+    def __init__(self, num_keys: int = 1, per_key: bool = False) -> None:
+        self.num_keys = int(num_keys)
+        self.per_key = bool(per_key)
+        super().__init__()
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def natural_dim(self) -> int:
+        """Length of the natural parameter of one observation (1 for scalar families)."""
+        return 1
+
+    # -- the distribution ----------------------------------------------------------------------
+    def dist(self, eta: torch.Tensor, key_index: torch.Tensor) -> TorchDistribution:
+        """The conditional distribution of values with natural parameters ``eta``.
+
+        :param ~torch.Tensor eta: shape ``batch + (natural_dim,)``.
+        :param ~torch.Tensor key_index: integer keys, shape ``batch`` (used by per-key parameters).
+        :returns: a distribution with ``batch_shape == batch`` and ``event_shape == ()``.
+        """
+        raise NotImplementedError
+
+    def mean(self, eta: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+        """Mean of :meth:`dist` (for categorical: the expected class probabilities)."""
+        return self.dist(eta, key_index).mean
+
+    def as_observation(self, x: torch.Tensor) -> torch.Tensor:
+        """Values (stored as floats) in the dtype :meth:`dist` expects (long for class indices)."""
+        return x
+
+    def initial_eta(self, x: torch.Tensor) -> torch.Tensor:
+        """Natural parameter ``(natural_dim,)`` of the best constant fit to values ``x`` (1-D).
+
+        Used to initialise intercepts; the default is zeros.
+        """
+        return x.new_zeros(self.natural_dim)
+
+    def log_base_measure(self, x: torch.Tensor) -> torch.Tensor:
+        r"""``log h(x)``: the part of ``log_prob`` that does not depend on the parameters
+        (for example ``-log x!`` for the Poisson). Metrics "without the base measure" subtract it.
+        """
+        return torch.zeros_like(x)
+
+    # -- support checks ------------------------------------------------------------------------
+    def invalid(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of values outside the support (NaN and inf always count as invalid)."""
+        bad = ~torch.isfinite(x)
+        ok = self.support.check(torch.where(bad, torch.full_like(x, self.fill_value), x))
+        return bad | ~ok
+
+    def describe_support(self) -> str:
+        """Human-readable support for error messages."""
+        return str(self.support)
+
+    def fill(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x`` where ``mask`` holds, :attr:`fill_value` elsewhere (keeps ``log_prob`` finite)."""
+        return torch.where(mask, x, torch.full_like(x, self.fill_value))
+
+    def extra_repr(self) -> str:
+        return f"num_keys={self.num_keys}, per_key={self.per_key}"
+
+
+FAMILIES: dict[str, type[Family]] = {}
+
+
+def register_family(name: str) -> Callable[[type[Family]], type[Family]]:
+    """Class decorator adding a :class:`Family` subclass to :data:`FAMILIES` under ``name``."""
+
+    def decorator(cls: type[Family]) -> type[Family]:
+        if name in FAMILIES:
+            raise ValueError(f"family {name!r} is already registered")
+        cls.name = name
+        FAMILIES[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_family(name: str | Family, **options: Any) -> Family:
+    """Build a family by registry name, or return ``name`` if it already is a :class:`Family`.
+
+    :raises ValueError: for an unknown name, listing the known ones.
+    """
+    if isinstance(name, Family):
+        return name
+    key = str(name).lower().replace("-", "_")
+    if key not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise ValueError(f"unknown family {name!r}; known families: {known}")
+    return FAMILIES[key](**options)

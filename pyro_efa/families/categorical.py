@@ -1,0 +1,66 @@
+"""Categorical family with softmax link: ``eta`` holds one logit per class."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import Categorical, TorchDistribution
+from torch.distributions import constraints
+
+from .base import Family, register_family
+
+__all__ = ["CategoricalFamily"]
+
+
+@register_family("categorical")
+class CategoricalFamily(Family):
+    r"""Class labels ``0 .. num_categories - 1`` with the canonical softmax link.
+
+    ``eta`` has ``num_categories`` entries per observation, and
+
+    .. math::
+
+        p(x = c \mid \eta) = \exp\Big(\eta_c - \log \sum_{j=0}^{\mathrm{num\_categories} - 1}
+            e^{\eta_j}\Big).
+
+    Values are stored as floats holding integers; :meth:`as_observation` turns them into longs for
+    :meth:`dist`'s ``log_prob``. :meth:`mean` returns the class probabilities.
+
+    :param int num_keys: number of keys.
+    :param bool per_key: unused (no nuisance parameter).
+    :param int num_categories: number of classes, at least 2.
+    """
+
+    is_discrete = True
+
+    def __init__(self, num_keys: int = 1, per_key: bool = False, num_categories: int = 2) -> None:
+        if int(num_categories) != num_categories or num_categories < 2:
+            raise ValueError(f"num_categories must be an integer >= 2, got {num_categories!r}")
+        super().__init__(num_keys, per_key)
+        self.num_categories = int(num_categories)
+        # the support depends on the instance, so it shadows the class attribute
+        self.support = constraints.integer_interval(0, self.num_categories - 1)
+
+    @property
+    def natural_dim(self) -> int:
+        return self.num_categories
+
+    def dist(self, eta: torch.Tensor, key_index: torch.Tensor) -> TorchDistribution:
+        return Categorical(logits=eta)
+
+    def mean(self, eta: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``softmax(eta)``, shape ``batch + (num_categories,)``."""
+        return torch.softmax(eta, dim=-1)
+
+    def as_observation(self, x: torch.Tensor) -> torch.Tensor:
+        return x.long()
+
+    def initial_eta(self, x: torch.Tensor) -> torch.Tensor:
+        # log class frequencies with one pseudo-count per class
+        counts = torch.bincount(x.long(), minlength=self.num_categories).to(x.dtype)
+        return torch.log((counts + 1) / (counts.sum() + self.num_categories))
+
+    def describe_support(self) -> str:
+        return f"integers 0..{self.num_categories - 1}"
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_categories={self.num_categories}"

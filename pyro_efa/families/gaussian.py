@@ -1,0 +1,63 @@
+"""Gaussian family with identity link: ``eta`` is the mean."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import Normal, TorchDistribution
+from pyro.nn import PyroParam
+from torch.distributions import constraints
+
+from .base import Family, register_family
+
+__all__ = ["GaussianFamily"]
+
+
+@register_family("gaussian")
+class GaussianFamily(Family):
+    r"""Normal observations whose mean is the natural parameter ``eta`` (identity link).
+
+    .. math::
+
+        p(x \mid \eta) = \frac{1}{\sqrt{2\pi}\,\mathrm{scale}}
+            \exp\Big(-\frac{(x - \eta)^2}{2\,\mathrm{scale}^2}\Big).
+
+    With a fixed ``scale`` it is a buffer; otherwise ``scale`` is a learned positive
+    :class:`~pyro.nn.PyroParam` initialised to 1, one per key when ``per_key``.
+
+    :param int num_keys: number of keys.
+    :param bool per_key: learn one ``scale`` per key (ignored when ``scale`` is fixed).
+    :param scale: a fixed positive standard deviation, or ``None`` to learn it.
+    :type scale: float or None
+    """
+
+    support = constraints.real
+    is_discrete = False
+
+    def __init__(self, num_keys: int = 1, per_key: bool = False, scale: float | None = None) -> None:
+        super().__init__(num_keys, per_key)
+        self.fixed_scale = scale is not None
+        if scale is not None:
+            if not float(scale) > 0:
+                raise ValueError(f"scale must be positive, got {scale!r}")
+            self.register_buffer("scale", torch.tensor(float(scale)))
+        else:
+            init = torch.ones(self.num_keys) if self.per_key else torch.tensor(1.0)
+            self.scale = PyroParam(init, constraint=constraints.positive)
+
+    def scale_for(self, key_index: torch.Tensor) -> torch.Tensor:
+        """The standard deviation for each entry of ``key_index`` (a scalar when shared)."""
+        scale = self.scale
+        return scale if scale.dim() == 0 else scale[key_index]
+
+    def dist(self, eta: torch.Tensor, key_index: torch.Tensor) -> TorchDistribution:
+        return Normal(eta[..., 0], self.scale_for(key_index).to(eta.dtype))
+
+    def initial_eta(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean().reshape(1) if x.numel() else x.new_zeros(1)
+
+    def describe_support(self) -> str:
+        return "real numbers"
+
+    def extra_repr(self) -> str:
+        fixed = f", scale={float(self.scale)}" if self.fixed_scale else ""
+        return super().extra_repr() + fixed
