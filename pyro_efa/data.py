@@ -61,7 +61,7 @@ class Vocabulary:
                     "oov=True to map them to an explicit out-of-vocabulary row"
                 )
             codes[missing] = len(self.labels) - 1
-        return codes.to_numpy(dtype=np.int64)
+        return codes.to_numpy(dtype=np.int64, copy=True)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (labels as lists)."""

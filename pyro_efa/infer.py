@@ -175,7 +175,7 @@ def fit(
     init_intercept: bool = True,
     num_particles: int = 1,
     eval_batch_size: int = 256,
-    callback: Callable[[int, float, float | None], None] | None = None,
+    callback: Callable[[EFAFit], bool | None] | None = None,
 ) -> EFAFit:
     """Fit ``model`` to ``data`` by SVI.
 
@@ -192,7 +192,8 @@ def fit(
     :param int seed: seeds Pyro, torch and the batch order.
     :param bool progress: show a tqdm progress bar.
     :param bool init_intercept: start the intercepts at each key's marginal fit.
-    :param callback: called as ``callback(epoch, train_loss, val_nll)`` after each epoch.
+    :param callback: called after each epoch with the fit so far (current state, its
+        ``losses`` and ``val_nll``); returning True stops training.
     :returns: the fit, with the best state restored.
     """
     if guide not in GUIDES:
@@ -238,9 +239,11 @@ def fit(
             total += loss.item() * len(batch) / data.num_units
         losses.append(total / data.num_observations)
         val = None
+        fitted = EFAFit(
+            model, auto, guide, losses, val_hist, epoch, time.perf_counter() - start, _schema(data), {}
+        )
         if val_data is not None:
             model.eval()
-            fitted = EFAFit(model, auto, guide, losses, val_hist, epoch, 0.0, {}, {})
             val = -float(_plugin_loglik(fitted, val_data, eval_batch_size).sum()) / val_data.num_observations
             val_hist.append(val)
             if val < best[0] - 1e-6:
@@ -249,8 +252,8 @@ def fit(
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", val=f"{val:.4f}")
                 break
         bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"val": f"{val:.4f}"} if val is not None else {}))
-        if callback is not None:
-            callback(epoch, losses[-1], val)
+        if callback is not None and callback(fitted):
+            break
     bar.close()
     best_epoch = len(losses)
     if val_data is not None:

@@ -279,8 +279,11 @@ class EFA(PyroModule):
                 kwargs.setdefault("value_center", float(x.mean()))
                 kwargs.setdefault("value_scale", float(x.std(unbiased=False).clamp(min=1e-6)))
             if "categorical" in names:
+                # classes from the categorical keys' values only (not other families' values)
+                is_cat = torch.tensor([n == "categorical" for n in names], dtype=torch.bool)
+                xc = data.values[data.target & data.mask & is_cat[data.key_index]]
                 opts = kwargs.setdefault("family_options", {}).setdefault("categorical", {})
-                opts.setdefault("num_categories", max(2, int(x.max()) + 1) if x.numel() else 2)
+                opts.setdefault("num_categories", max(2, int(xc.max()) + 1) if xc.numel() else 2)
             if kwargs.get("value_embedding") == "lookup" and "num_value_levels" not in kwargs:
                 allx = data.values[data.mask]
                 if (allx < 0).any() or (allx != allx.round()).any():
@@ -348,7 +351,10 @@ class EFA(PyroModule):
     # names and plates
     def site_name(self, name: str) -> str:
         """Full Pyro site name of ``name`` under this module's prefix."""
-        return self._pyro_get_fullname(name)
+        # not _pyro_get_fullname: it asserts that the module has run once (observed_sites must
+        # work on a freshly built model); _pyro_name is already the full prefix
+        prefix = self.__dict__["_pyro_name"]
+        return f"{prefix}.{name}" if prefix else name
 
     @property
     def observed_sites(self) -> list[str]:
@@ -404,6 +410,7 @@ class EFA(PyroModule):
         sample: bool = False,
         select: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        units: pyro.plate | None = None,
     ) -> torch.Tensor:
         """The observation sites: ``x_ui ~ Family(eta_ui)`` for every target, in the unit plate.
 
@@ -411,6 +418,8 @@ class EFA(PyroModule):
             possibly modified by a larger model).
         :param ~torch.Tensor select: optional ``(B, L)`` subset of targets to score.
         :param ~torch.Tensor weights: optional ``(B, L)`` log-likelihood weights.
+        :param units: the unit plate from :meth:`create_plates`, when the calling model already
+            opened it (a subsampled plate may be created only once per model run).
         """
         targets = data.target & data.mask
         if select is not None:
@@ -418,7 +427,8 @@ class EFA(PyroModule):
         fam_of_obs = self.key_family[data.key_index]
         out = data.values
         scale = 1.0 if weights is None else weights
-        with self.create_plates(data), pyro.plate(self.site_name("positions"), data.max_len, dim=-1):
+        units = self.create_plates(data) if units is None else units
+        with units, pyro.plate(self.site_name("positions"), data.max_len, dim=-1):
             with poutine.scale(scale=scale):
                 for f, (family, site) in enumerate(zip(self.families, self.observed_sites, strict=True)):
                     m = targets & (fam_of_obs == f)

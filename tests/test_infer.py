@@ -1,0 +1,201 @@
+"""Fitting, evaluation, saving and composition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.nn import PyroModule
+
+import pyro_efa
+from pyro_efa import EFA, EFAData, evaluate, fit, load, log_likelihood, posterior_predictive, save
+from pyro_efa.datasets import synthetic_ratings
+from pyro_efa.generate import sample_units
+from pyro_efa.infer import make_guide
+
+SMALL = dict(dim=8, num_layers=1, num_heads=1, head_dim=8)
+
+
+@pytest.fixture
+def ratings() -> EFAData:
+    df = synthetic_ratings(120, seed=1)
+    return EFAData.from_pandas(df, unit="user", key="movie", value="rating", order="position")
+
+
+@pytest.fixture
+def counts() -> EFAData:
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(60):
+        n = rng.integers(1, 7)
+        for i, k in enumerate(rng.choice(8, size=n, replace=False)):
+            rows.append((u, int(k), i, int(rng.poisson(1 + k % 3))))
+    df = pd.DataFrame(rows, columns=["user", "item", "t", "count"])
+    return EFAData.from_pandas(df, unit="user", key="item", value="count", order="t")
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("guide", ["map", "normal", "lowrank"])
+def test_fit_each_guide(counts: EFAData, guide: str) -> None:
+    train, val = counts.split((0.7, 0.3), seed=0)
+    model = EFA.from_data(train, family="poisson", **SMALL)
+    f = fit(model, train, guide=guide, val_data=val, num_epochs=3, batch_size=16, progress=False)
+    assert len(f.losses) == 3 and all(np.isfinite(f.losses))
+    assert len(f.val_nll) == 3
+    # the restored state is the best epoch's
+    assert f.val_nll[f.best_epoch - 1] == min(f.val_nll)
+    m = evaluate(f, val)
+    assert m["nll"] == pytest.approx(f.val_nll[f.best_epoch - 1], rel=1e-5)
+    assert m["num_observations"] == val.num_observations
+    assert np.isfinite(m["mse"])
+
+
+def test_fit_is_deterministic(counts: EFAData) -> None:
+    runs = []
+    for _ in range(2):
+        pyro.set_rng_seed(7)  # the network's initial weights
+        model = EFA.from_data(counts, family="poisson", **SMALL)
+        f = fit(model, counts, num_epochs=2, batch_size=16, progress=False, seed=3)
+        runs.append((_params(f.model), _params(f.guide)))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_two_fits_do_not_share_parameters(counts: EFAData) -> None:
+    # the global param store trap: a second fit must not change the first one
+    f1 = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, num_epochs=1, progress=False)
+    before = evaluate(f1, counts)["nll"]
+    fit(EFA.from_data(counts, family="poisson", **SMALL), counts, num_epochs=2, progress=False, seed=1)
+    assert evaluate(f1, counts)["nll"] == before
+
+
+def test_pointwise_loglik_sums_to_trace(counts: EFAData) -> None:
+    f = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, num_epochs=1, progress=False)
+    ll = log_likelihood(f, counts)
+    assert ll.shape == counts.values.shape
+    assert torch.all(ll[~(counts.target & counts.mask)] == 0)
+    # the same total from a trace of the model at the MAP (no subsampling: scale 1)
+    params = f.median(counts)
+    with torch.no_grad():
+        tr = pyro.poutine.trace(pyro.poutine.condition(f.model, data=params)).get_trace(counts)
+    total = sum(tr.nodes[s]["fn"].log_prob(tr.nodes[s]["value"]).sum() for s in f.efa.observed_sites)
+    assert float(ll.sum()) == pytest.approx(float(total), rel=1e-5)
+    # Poisson metric without the log y! term
+    m = evaluate(f, counts)
+    lgam = torch.lgamma(counts.values + 1)[counts.target & counts.mask].mean()
+    assert m["nll_no_base"] == pytest.approx(m["nll"] - float(lgam), rel=1e-5)
+
+
+def test_mc_predictive_density(counts: EFAData) -> None:
+    f = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, guide="normal", num_epochs=2, progress=False)
+    a = log_likelihood(f, counts, num_samples=8, seed=0)
+    b = log_likelihood(f, counts, num_samples=8, seed=0)
+    assert torch.equal(a, b)
+    assert torch.isfinite(a).all()
+    # log-mean-exp over draws is at least the mean log-likelihood (Jensen)
+    draws = pyro_efa.infer._draw_loglik(f, counts, 8, 256, 0)
+    assert torch.all(a >= draws.mean(0) - 1e-5)
+
+
+def test_posterior_predictive_shapes(counts: EFAData) -> None:
+    f = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, guide="normal", num_epochs=1, progress=False)
+    draws = posterior_predictive(f, counts, num_samples=5)
+    assert draws.shape == (5, *counts.values.shape)
+    targets = counts.target & counts.mask
+    assert torch.all(draws[:, ~targets] == counts.values[~targets])
+    assert torch.all(draws[:, targets] >= 0) and torch.all(draws == draws.round())
+
+
+@pytest.mark.parametrize("guide", ["map", "normal"])
+def test_save_load_round_trip(counts: EFAData, tmp_path, guide: str) -> None:
+    f = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, guide=guide, num_epochs=2, progress=False)
+    save(f, tmp_path / "fit")
+    g = load(tmp_path / "fit")
+    assert evaluate(g, counts) == evaluate(f, counts)
+    assert g.losses == f.losses and g.guide_type == guide
+    for k, v in _params(f.model).items():
+        assert torch.equal(v, _params(g.model)[k])
+
+
+def test_load_rejects_damaged_files(counts: EFAData, tmp_path) -> None:
+    f = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, num_epochs=1, progress=False)
+    save(f, tmp_path / "fit")
+    params = tmp_path / "fit" / "params.pt"
+    params.write_bytes(params.read_bytes()[:100])
+    with pytest.raises(ValueError, match="params.pt"):
+        load(tmp_path / "fit")
+    with pytest.raises(ValueError, match="readable"):
+        load(tmp_path / "nothing-here")
+
+
+class RandomIntercept(PyroModule):
+    """A user's model: EFA plus a per-unit random intercept on the natural parameter."""
+
+    def __init__(self, efa: EFA) -> None:
+        super().__init__()
+        self.efa = efa
+
+    def forward(self, data: EFAData, sample: bool = False) -> torch.Tensor:
+        eta = self.efa.natural_params(data)
+        units = self.efa.create_plates(data)
+        with units:
+            u = pyro.sample("u", dist.Normal(0.0, 2.0))  # (B, 1)
+        return self.efa.observe(data, eta + u.unsqueeze(-1), sample=sample, units=units)
+
+
+def test_composition_random_intercept() -> None:
+    rng = np.random.default_rng(0)
+    num_users, n = 150, 8
+    offset = rng.normal(0, 2, size=num_users)
+    df = pd.DataFrame(
+        {
+            "user": np.repeat(np.arange(num_users), n),
+            "key": np.tile(np.arange(n), num_users),
+            "x": (np.repeat(offset, n) + rng.normal(0, 0.5, size=num_users * n)),
+        }
+    )
+    data = EFAData.from_pandas(df, unit="user", key="key", value="x", order="key")
+    efa = EFA.from_data(data, family="gaussian", name="efa", **SMALL)
+    model = RandomIntercept(efa)
+    f = fit(model, data, guide="normal", num_epochs=40, batch_size=50, lr=0.03, progress=False)
+    assert {"efa.alpha", "efa.rho", "u"} <= set(f.median(data))
+    u = f.median(data)["u"].squeeze()
+    assert u.shape == (num_users,)
+    # the per-unit effect is recovered (up to what the context already explains)
+    assert np.corrcoef(u.numpy(), offset)[0, 1] > 0.5
+    assert evaluate(f, data)["mse"] < 0.6
+
+
+def test_make_guide_rejects_unknown(counts: EFAData) -> None:
+    with pytest.raises(ValueError, match="guide"):
+        make_guide(EFA.from_data(counts, family="poisson"), "laplace")
+
+
+@pytest.mark.slow
+def test_synthetic_fit_reaches_floor() -> None:
+    """Held-out MSE < 1.10 (Bayes floor 1.0) in both directions; EFE is clearly worse."""
+    df = synthetic_ratings(10_000, seed=42)
+    data = EFAData.from_pandas(df, unit="user", key="movie", value="rating", order="position")
+    train_all = data.subset(range(7500), reindex=True)
+    test = data.subset(range(7500, 10_000), reindex=True)
+    train, val = train_all.split((0.75, 0.25), seed=0)
+    for direction in ("uni", "bi"):
+        f = fit(EFA.from_data(train, direction=direction), train, val_data=val, lr=3e-3, num_epochs=40, progress=False)
+        mse = evaluate(f, test)["mse"]
+        assert mse < 1.10, (direction, mse)
+        e = fit(EFA.efe(train, direction=direction), train, val_data=val, lr=3e-3, num_epochs=40, progress=False)
+        assert evaluate(e, test)["mse"] > mse + 0.3
+        # generated units follow the rules: movie 2 after movie 1 has mean 1, before it 5
+        for keys, mu2 in (([1, 2, 3, 4, 5], 1.0), ([2, 1, 3, 4, 5], 5.0)):
+            s = sample_units(f, 400, keys=keys, num_sweeps=3, seed=0)
+            x = s.loc[s.key == 2, "value"].to_numpy()
+            # tolerance: 4 standard errors of the mean plus a 0.25 allowance for model error
+            assert abs(x.mean() - mu2) < 4 * x.std() / np.sqrt(len(x)) + 0.25, (direction, keys, x.mean())
