@@ -166,7 +166,7 @@ class EFAData:
         for c in (unit, *key_cols):
             if df[c].isna().any():
                 row = df.index[df[c].isna().to_numpy()][0]
-                raise ValueError(f"column {c!r} has a missing value (row {row!r})")
+                raise ValueError(f"column {c!r} has a missing value (row {_json_scalar(row)!r})")
 
         df = df.reset_index(drop=True)
         if order is not None:
@@ -177,9 +177,9 @@ class EFAData:
                 if dup.any():
                     first = df[dup].iloc[0]
                     raise ValueError(
-                        f"unit {first[unit]!r} has several observations with {order!r} = "
-                        f"{first[order]!r}; their order is ambiguous (pass ties='keep' to keep the "
-                        "row order, or drop duplicates)"
+                        f"unit {_json_scalar(first[unit])!r} has several observations with {order!r} = "
+                        f"{_json_scalar(first[order])!r}; their order is ambiguous (pass ties='keep' to "
+                        "keep the row order, or drop duplicates)"
                     )
         else:
             df = df.sort_values(unit, kind="stable")
@@ -383,7 +383,7 @@ def _check_numeric(df: pd.DataFrame, column: str, unit: str) -> np.ndarray:
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"column {column!r} has {int(bad.sum())} NaN/inf value(s), first in unit "
-            f"{df[unit].iloc[i]!r} (value {x[i]!r}); drop or impute them"
+            f"{_json_scalar(df[unit].iloc[i])!r} (value {_json_scalar(x[i])!r}); drop or impute them"
         )
     return x
 

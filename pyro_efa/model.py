@@ -545,6 +545,37 @@ class EFA(PyroModule):
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, direction={self.direction!r}, dim={self.dim}, keys={self.num_keys}"
 
+    @pyro_method
+    def attention_maps(self, data: EFAData, mode: str | None = None) -> list[torch.Tensor]:
+        """Attention weights of each target over its context, one ``(B, heads, L, L)`` tensor
+        per layer (rows: targets ``i``; columns: positions ``j`` of the unit).
+
+        Entry ``[b, h, i, j]`` for ``j != i`` is the weight that target ``i``'s query stream
+        gives to position ``j`` (nonzero only for ``j`` in its context ``c_i``). The weight of
+        the query's own token (its key and the mask vector; or, in later layers, its own state)
+        is folded into the **diagonal** ``[b, h, i, i]``: ``x_i`` itself is never attended to, so
+        the diagonal holds no value information. Each row of a real observation with something
+        to attend to sums to 1; padding rows are 0.
+
+        Reads the embedding site ``alpha`` like :meth:`natural_params`: call it under
+        ``poutine.condition`` with the fitted values (e.g. :meth:`~pyro_efa.EFAFit.median`).
+
+        :param EFAData data: a batch of units.
+        :param str mode: encoder mode (default: the model's ``encoding``); see
+            :meth:`~pyro_efa.attention.EFAEncoder.attention_weights`.
+        :rtype: list[~torch.Tensor]
+        """
+        self._check_batch(data)
+        alpha = self.alpha if hasattr(self, "alpha") else None
+        content, query = self.tokens(data, alpha)
+        maps = []
+        n = data.max_len
+        for w in self.encoder.attention_weights(content, query, data.mask, mode=mode or self.encoding):
+            if w.size(-1) == 2 * n:  # one pass: content columns, plus the own query token on the diagonal
+                w = w[..., :n] + torch.diagonal(w[..., n:], dim1=-2, dim2=-1).diag_embed()
+            maps.append(w)
+        return maps
+
 
 def num_parameters(module: nn.Module) -> int:
     """Number of scalar parameters of ``module``."""

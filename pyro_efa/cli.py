@@ -1,0 +1,617 @@
+"""Command-line interface: ``pyro-efa demo | fit | evaluate | predict``.
+
+- ``pyro-efa demo``: the synthetic ratings experiment of the paper (data generated in code):
+  EFA and the EFE baseline, unidirectional and bidirectional, with their held-out test MSE.
+- ``pyro-efa fit data.csv --unit U --key K [--value V] ... --out DIR``: read a long table (CSV, or
+  Parquet for a ``.parquet`` suffix), split it by unit into train / validation / test (seeded),
+  fit with early stopping on validation, and save the fit, ``split.json`` (which units went
+  where) and ``metrics.json`` (held-out test metrics) to ``DIR``.
+- ``pyro-efa evaluate DIR data.csv``: reload the fit, rebuild the data with the fit's columns and
+  vocabularies, and print the metrics of the test units (or of all units).
+- ``pyro-efa predict DIR data.csv [--out predictions.csv]``: per-observation predictions.
+
+Errors a user can cause (a missing file or column, bad values, an unknown family, a directory
+without a fit) print one line ``pyro-efa: error: ...`` to stderr and return exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pandas as pd
+import pyro
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import EFAData
+from .datasets import synthetic_ratings
+from .families import FAMILIES
+from .infer import EFAFit, evaluate, fit, load, predict, save
+from .model import EFA
+
+__all__ = ["main"]
+
+PROG = "pyro-efa"
+SPLIT_FORMAT = "pyro_efa.split/1"
+
+
+class CLIError(ValueError):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are raised (and printed as one line by :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    elif isinstance(error, FileNotFoundError) and error.filename is not None:
+        text = f"{error.strerror or 'not found'}: {error.filename}"
+    else:
+        text = str(error) or type(error).__name__
+    text = text.split(" Trace Shapes:")[0]  # Pyro appends the shapes of every site
+    text = " ".join(text.split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    """A CSV (TSV for ``.tsv``) or Parquet file as a DataFrame."""
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"data file '{path}' not found")
+    if p.is_dir():
+        raise CLIError(f"data file '{path}' is a directory, expected a CSV or Parquet file")
+    suffixes = [s.lower() for s in p.suffixes]
+    try:
+        if suffixes and suffixes[-1] in (".parquet", ".pq"):
+            return pd.read_parquet(p)
+        sep = "\t" if ".tsv" in suffixes else ","
+        return pd.read_csv(p, sep=sep)
+    except ImportError as e:
+        raise CLIError(f"reading '{path}' needs an optional package ({e}); install pyarrow") from e
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' EmptyDataError and ParserError included
+        raise CLIError(f"could not read '{path}': {_one_line(e)}") from e
+
+
+def _family_name(name: str, option: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    if key not in FAMILIES:
+        raise CLIError(f"{option}: unknown family {name!r}; known families: {', '.join(sorted(FAMILIES))}")
+    return key
+
+
+def _parse_scalar(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _label_matches(text: str, label: Any) -> bool:
+    """Whether a label written on the command line (``1``, ``a``, ``40.7:-74.0``) names ``label``."""
+    if isinstance(label, tuple):
+        parts = text.split(":")
+        return len(parts) == len(label) and all(
+            _label_matches(p, x) for p, x in zip(parts, label, strict=True)
+        )
+    if str(label) == text:
+        return True
+    if isinstance(label, numbers.Number) and not isinstance(label, bool):
+        try:
+            return float(text) == float(label)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+    return False
+
+
+def _json_label(label: Any) -> Any:
+    if hasattr(label, "item") and not isinstance(label, (str, bytes)):
+        try:
+            label = label.item()
+        except (TypeError, ValueError):
+            pass
+    if label is None or isinstance(label, (str, bool, int)):
+        return label
+    if isinstance(label, float) and math.isfinite(label):
+        return label
+    return str(label)
+
+
+def _label_key(label: Any) -> str:
+    """Units are matched between ``fit`` and ``evaluate`` through their text form."""
+    return str(_json_label(label))
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    names = {
+        "nll": "NLL per observation",
+        "nll_no_base": "NLL without log h(x)",
+        "mse": "MSE",
+        "accuracy": "accuracy",
+    }
+    lines = []
+    for key, label in names.items():
+        if key in metrics:
+            lines.append(f"  {label:<22} {metrics[key]:.6f}")
+    return lines
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    n = args.num_users
+    if n < 8:
+        raise CLIError(f"--num-users must be at least 8, got {n}")
+    if args.num_epochs < 1:
+        raise CLIError(f"--num-epochs must be positive, got {args.num_epochs}")
+    progress = not args.no_progress
+    df = synthetic_ratings(n, seed=42)
+    data = EFAData.from_pandas(df, unit="user", key="movie", value="rating", order="position")
+    n_train = round(0.75 * n)  # users 1-7,500 of 10,000
+    train_all = data.subset(range(n_train), reindex=True)
+    test = data.subset(range(n_train, n), reindex=True)
+    train, val = train_all.split((0.75, 0.25), seed=args.seed)
+    test_rows = df[df["user"] > n_train]
+    oracle = float(((test_rows["rating"] - test_rows["mu"]) ** 2).mean())
+    print(
+        f"synthetic ratings: {n} users x 5 movies (data seed 42); train {len(train)} users, "
+        f"validation {len(val)}, test {len(test)} (users {n_train + 1}-{n}); Gaussian, guide map, "
+        f"lr 3e-3, batch 64, patience 5, at most {args.num_epochs} epochs, seed {args.seed}",
+        flush=True,
+    )
+    specs = [("EFA", "uni"), ("EFA", "bi"), ("EFE", "uni"), ("EFE", "bi")]
+    rows = []
+    bar = tqdm(specs, desc="demo", disable=not progress, leave=False)
+    for name, direction in bar:
+        bar.set_description(f"{name} {direction}")
+        build = EFA.from_data if name == "EFA" else EFA.efe
+        pyro.set_rng_seed(args.seed)  # the network's initial weights
+        model = build(train, direction=direction)
+        fitted = fit(
+            model, train, guide="map", val_data=val, num_epochs=args.num_epochs, batch_size=64,
+            lr=3e-3, patience=5, seed=args.seed, progress=progress,
+        )  # fmt: skip
+        m = evaluate(fitted, test)
+        rows.append(
+            (name, direction, m["mse"], m["nll"], len(fitted.losses), fitted.best_epoch, fitted.seconds)
+        )
+    bar.close()
+    header = (
+        f"{'model':<6} {'direction':<9} {'test MSE':>9} {'test NLL':>9} {'epochs':>6} {'best':>5} "
+        f"{'seconds':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, direction, mse, nll, epochs, best, seconds in rows:
+        print(f"{name:<6} {direction:<9} {mse:>9.4f} {nll:>9.4f} {epochs:>6d} {best:>5d} {seconds:>8.1f}")
+    print(
+        f"Bayes-optimal test MSE: 1.0 in both directions (the rating noise variance; "
+        f"the true means score {oracle:.4f} on these {len(test)} test users)"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# fit
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file() and not force:
+        raise CLIError(
+            f"--out '{out}' is not empty and holds no previous fit (no config.json); "
+            "choose a new directory, or pass --force to write into it"
+        )
+
+
+def _parse_family_map(text: str) -> list[tuple[str, str]]:
+    entries = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        label, sep, family = item.rpartition("=")
+        if not sep or not label.strip():
+            raise CLIError(f"--family-map: expected KEY=FAMILY entries separated by commas, got {item!r}")
+        entries.append((label.strip(), _family_name(family, "--family-map")))
+    if not entries:
+        raise CLIError("--family-map is empty")
+    return entries
+
+
+def _parse_family_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        family, dot, option = name.partition(".")
+        if not sep or not dot or not option.strip():
+            raise CLIError(f"--family-option: expected FAMILY.OPTION=VALUE, got {item!r}")
+        family = _family_name(family, "--family-option")
+        options.setdefault(family, {})[option.strip()] = _parse_scalar(value)
+    return options
+
+
+def _resolve_family(args: argparse.Namespace, data: EFAData) -> str | dict[Any, str] | None:
+    """The ``family`` argument of :meth:`EFA.from_data`: a name, a per-key mapping, or None."""
+    default = None if args.family is None else _family_name(args.family, "--family")
+    if data.kind == "items":
+        if args.family_map is not None:
+            raise CLIError("--family-map needs --value: item sequences (no --value) are categorical")
+        if default not in (None, "categorical"):
+            raise CLIError(
+                f"without --value the key column '{data.columns['key'][0]}' holds the items of a "
+                f"categorical sequence; --family {args.family} needs --value COLUMN"
+            )
+        return None
+    if args.family_map is None:
+        return default or "gaussian"
+    mapping: dict[Any, str] = {}
+    key_name = ", ".join(data.columns["key"])
+    for text, family in _parse_family_map(args.family_map):
+        hits = [label for label in data.keys.labels if _label_matches(text, label)]
+        if not hits:
+            examples = [_json_label(x) for x in data.keys.labels[:5]]
+            raise CLIError(
+                f"--family-map: key {text!r} is not a value of column '{key_name}' (e.g. {examples})"
+            )
+        for label in hits:
+            mapping[label] = family
+    missing = [label for label in data.keys.labels if label not in mapping]
+    if missing:
+        if default is None:
+            shown = [_json_label(x) for x in missing[:5]]
+            raise CLIError(
+                f"--family-map gives no family for {len(missing)} key(s) of column '{key_name}', "
+                f"e.g. {shown}; add them, or pass --family for the others"
+            )
+        mapping.update((label, default) for label in missing)
+    return mapping
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _check_out_dir(out, args.force)
+    if args.family is not None:
+        _family_name(args.family, "--family")
+    if args.family_map is not None:
+        _parse_family_map(args.family_map)
+    family_options = _parse_family_options(args.family_option or [])
+    for flag in ("dim", "layers", "heads", "epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        raise CLIError(f"--lr must be positive, got {args.lr}")
+
+    df = _read_table(args.data)
+    data = EFAData.from_pandas(
+        df, unit=args.unit, key=args.key, value=args.value, order=args.order, context=args.context,
+        ties=args.ties,
+    )  # fmt: skip
+    family = _resolve_family(args, data)
+    model_families = [family] if isinstance(family, str) else list((family or {}).values())
+    train, val, test = data.split(args.split, seed=args.seed)
+    names = ("train", "validation", "test")
+    for part, name in ((train, "train"), (test, "test")):
+        if len(part) == 0 or part.num_observations == 0:
+            raise CLIError(
+                f"the {name} split is empty ({len(data)} units, --split {' '.join(map(str, args.split))}); "
+                "use more units or larger fractions"
+            )
+    use_val = len(val) > 0 and val.num_observations > 0
+    if not use_val:
+        _warn("no validation units: no early stopping, all --epochs run and the last state is kept")
+
+    kwargs: dict[str, Any] = {"direction": args.direction, "dim": args.dim, "max_len": max(data.max_len, 1)}
+    if family_options:
+        used = set(model_families) if data.kind == "valued" else {"categorical"}
+        unused = sorted(set(family_options) - used)
+        if unused:
+            _warn(f"--family-option for {', '.join(unused)}, which no key uses: ignored")
+        kwargs["family_options"] = family_options
+    pyro.set_rng_seed(args.seed)  # the network's initial weights
+    try:
+        if args.efe:
+            model = EFA.efe(train, family=family, **kwargs)
+        else:
+            model = EFA.from_data(
+                train, family=family, num_layers=args.layers, num_heads=args.heads, **kwargs
+            )
+    except TypeError as e:  # an option the family does not take
+        if not family_options:
+            raise
+        raise CLIError(f"--family-option: {_one_line(e)}") from e
+    print(f"data: {data!r} from '{args.data}'", flush=True)
+    print(
+        f"split by unit (seed {args.seed}): {len(train)} train, {len(val)} validation, "
+        f"{len(test)} test units",
+        flush=True,
+    )
+    try:
+        fitted = fit(
+            model, train, guide=args.guide, val_data=val if use_val else None, num_epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except (ValueError, FloatingPointError) as e:
+        if "nan" not in str(e).lower() and not isinstance(e, FloatingPointError):
+            raise
+        raise CLIError(f"training diverged (lower --lr, now {args.lr}): {_one_line(e)}") from e
+    metrics = evaluate(fitted, test)
+
+    replacing = (out / "config.json").is_file()
+    save(fitted, out)
+    unit_col = data.columns["unit"]
+    split = {
+        "format": SPLIT_FORMAT,
+        "data": str(args.data),
+        "unit_column": unit_col,
+        "seed": args.seed,
+        "fractions": list(args.split),
+        "ties": args.ties,
+        **{
+            name: [_json_label(x) for x in part.unit_labels]
+            for name, part in zip(names, (train, val, test), strict=True)
+        },
+    }
+    _write_json(out / "split.json", split)
+    model_name = "EFE" if args.efe else "EFA"
+    summary = {
+        "test": metrics,
+        "model": model_name,
+        "direction": args.direction,
+        "guide": args.guide,
+        "epochs": len(fitted.losses),
+        "best_epoch": fitted.best_epoch,
+        "seconds": fitted.seconds,
+        "best_validation_nll": min(fitted.val_nll) if fitted.val_nll else None,
+        "units": {name: len(part) for name, part in zip(names, (train, val, test), strict=True)},
+    }
+    _write_json(out / "metrics.json", summary)
+
+    print(
+        f"fit: {model_name} {args.direction}, guide {args.guide}, {len(fitted.losses)} epochs "
+        f"(best {fitted.best_epoch}), {fitted.seconds:.1f} s"
+    )
+    print(f"{'replaced the fit in' if replacing else 'saved to'} '{out}' (with split.json, metrics.json)")
+    print(f"test metrics ({len(test)} units, {metrics['num_observations']} observations):")
+    print("\n".join(_metric_lines(metrics)))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate / predict
+def _load_fit_and_data(fit_dir: str, data_path: str, units: str) -> tuple[EFAFit, EFAData]:
+    fitted = load(fit_dir)
+    split_path = Path(fit_dir) / "split.json"
+    split: dict[str, Any] | None = None
+    if split_path.is_file():
+        try:
+            split = json.loads(split_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CLIError(f"'{split_path}' is not valid JSON ({e})") from e
+        if not isinstance(split, dict) or split.get("format") != SPLIT_FORMAT:
+            raise CLIError(f"'{split_path}' is not a {SPLIT_FORMAT} file")
+    elif units == "test":
+        raise CLIError(
+            f"'{fit_dir}' has no split.json (the fit was not made by '{PROG} fit'), so its test units "
+            "are unknown; pass --units all"
+        )
+    columns = dict(fitted.schema["columns"])
+    df = _read_table(data_path)
+    unit_col = columns["unit"]
+    if unit_col not in df.columns:
+        raise CLIError(
+            f"column '{unit_col}' (the fit's unit column) not in '{data_path}'; it has {list(df.columns)}"
+        )
+    if units == "test":
+        assert split is not None
+        wanted = {_label_key(x) for x in split["test"]}
+        df = df[df[unit_col].map(_label_key).isin(wanted)]
+        found = df[unit_col].nunique()
+        if found == 0:
+            raise CLIError(
+                f"none of the fit's {len(wanted)} test units (column '{unit_col}') is in '{data_path}'; "
+                "pass --units all to use every unit of this file"
+            )
+        if found < len(wanted):
+            _warn(f"only {found} of the fit's {len(wanted)} test units are in '{data_path}'")
+    ties = split.get("ties", "error") if split is not None else "error"
+    data = EFAData.from_pandas(
+        df, **columns, keys=fitted.schema["keys"], items=fitted.schema["items"], ties=ties
+    )
+    return fitted, data
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.num_samples < 0:
+        raise CLIError(f"--num-samples must be non-negative, got {args.num_samples}")
+    fitted, data = _load_fit_and_data(args.fit_dir, args.data, args.units)
+    metrics = evaluate(fitted, data, num_samples=args.num_samples)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(f"{args.units} metrics ({len(data)} units, {metrics['num_observations']} observations):")
+    print("\n".join(_metric_lines(metrics)))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir():
+            raise CLIError(f"--out '{out}' is a directory, expected a file name")
+        if out.exists() and not args.force:
+            raise CLIError(f"--out '{out}' exists; pass --force to overwrite it")
+        if not out.parent.is_dir():
+            raise CLIError(f"--out '{out}': directory '{out.parent}' does not exist")
+    if args.head < 0:
+        raise CLIError(f"--head must be non-negative, got {args.head}")
+    fitted, data = _load_fit_and_data(args.fit_dir, args.data, args.units)
+    table = predict(fitted, data)
+    if args.out is None:
+        print(table.head(args.head).to_string(index=False))
+        if len(table) > args.head:
+            print(f"... {len(table)} rows in all (pass --out FILE to write them)")
+        return 0
+    if out.suffix.lower() in (".parquet", ".pq"):
+        table.to_parquet(out, index=False)
+    else:
+        table.to_csv(out, index=False, sep="\t" if out.suffix.lower() == ".tsv" else ",")
+    print(f"wrote {len(table)} predictions ({len(data)} units) to '{out}'")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the parser
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog=PROG,
+        description="Exponential family attention (EFA) as a Pyro model: fit, evaluate, predict.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the paper's synthetic ratings experiment (EFA vs EFE, uni and bi)",
+        description="Generate the synthetic ratings data of the paper (numpy seed 42), train on the "
+        "first 75%% of users (25%% of them for early stopping) and report the test MSE of the last "
+        "25%% for EFA and the EFE baseline, unidirectional and bidirectional.",
+    )
+    demo.add_argument("--num-users", type=int, default=10_000, help="number of users (default 10000)")
+    demo.add_argument("--num-epochs", type=int, default=100, help="most epochs per fit (default 100)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the validation split and the fits")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_cmd_demo)
+
+    f = sub.add_parser(
+        "fit",
+        help="fit EFA to a long table (CSV or Parquet) and save the fit",
+        description="Fit EFA to a long table, one row per observation. The table is split by unit "
+        "into train / validation / test (seeded); training stops early on the validation NLL. "
+        "The fit, split.json (the units of each split) and metrics.json (test metrics) are "
+        "written to --out.",
+    )
+    f.add_argument("data", help="CSV file (Parquet for a .parquet suffix)")
+    f.add_argument("--unit", required=True, help="column identifying the unit (user, basket, day)")
+    f.add_argument(
+        "--key",
+        required=True,
+        action="append",
+        help="key column (repeat for multi-column numeric keys); without --value: the item column",
+    )
+    f.add_argument("--value", help="value column; omit it for item sequences")
+    f.add_argument("--order", help="column ordering the observations of a unit (default: row order)")
+    f.add_argument("--context", help="boolean column, True for context-only observations")
+    f.add_argument(
+        "--family",
+        help=f"family of the values: one of {', '.join(sorted(FAMILIES))} (default gaussian; "
+        "categorical for item sequences); with --family-map: the family of unmapped keys",
+    )
+    f.add_argument(
+        "--family-map",
+        metavar="KEY=FAMILY,...",
+        help="a family per key (mixed types), e.g. 'temp=gaussian,rain=bernoulli'; multi-column "
+        "keys are written with ':', e.g. '40.7:-74.0=gaussian'",
+    )
+    f.add_argument(
+        "--family-option",
+        action="append",
+        metavar="FAMILY.OPTION=VALUE",
+        help="a family option, e.g. binomial.total_count=10 or gaussian.per_key=true (repeatable)",
+    )
+    f.add_argument("--direction", choices=("uni", "bi"), default="uni", help="uni (causal) or bi")
+    f.add_argument("--out", required=True, help="directory to save the fit in")
+    f.add_argument("--force", action="store_true", help="write into a non-empty --out without a fit")
+    f.add_argument("--efe", action="store_true", help="the EFE baseline (--layers and --heads ignored)")
+    f.add_argument("--guide", choices=("map", "normal", "lowrank"), default="map", help="default map")
+    f.add_argument("--dim", type=int, default=32, help="embedding width (default 32)")
+    f.add_argument("--layers", type=int, default=2, help="attention layers (default 2)")
+    f.add_argument("--heads", type=int, default=2, help="heads per layer (default 2)")
+    f.add_argument("--epochs", type=int, default=100, help="most epochs (default 100)")
+    f.add_argument("--batch-size", type=int, default=64, help="units per step (default 64)")
+    f.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    f.add_argument("--patience", type=int, default=5, help="early stopping patience (default 5)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the split and the fit (default 0)")
+    f.add_argument(
+        "--split",
+        type=float,
+        nargs=3,
+        default=(0.8, 0.1, 0.1),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="unit fractions (default 0.8 0.1 0.1)",
+    )
+    f.add_argument("--ties", choices=("error", "keep"), default="error", help="equal --order values")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(handler=_cmd_fit)
+
+    units_help = "test: the fit's test units (from split.json, default); all: every unit of the file"
+    e = sub.add_parser(
+        "evaluate",
+        help="held-out metrics of a saved fit",
+        description="Reload a fit, rebuild the data with its columns and vocabularies, and print "
+        "its metrics (by default on the units the fit recorded as test units).",
+    )
+    e.add_argument("fit_dir", help="directory written by 'pyro-efa fit'")
+    e.add_argument("data", help="CSV or Parquet file with the fit's columns")
+    e.add_argument("--units", choices=("test", "all"), default="test", help=units_help)
+    e.add_argument("--num-samples", type=int, default=0, help="posterior draws for the NLL (0: plug-in)")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(handler=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="per-observation predictions of a saved fit",
+        description="One row per modelled observation: unit, position, key, value, prediction "
+        "(the predictive mean, or the most likely class with its probability) and log-likelihood.",
+    )
+    p.add_argument("fit_dir", help="directory written by 'pyro-efa fit'")
+    p.add_argument("data", help="CSV or Parquet file with the fit's columns")
+    p.add_argument("--units", choices=("test", "all"), default="test", help=units_help)
+    p.add_argument("--out", help="write all predictions here (CSV, or Parquet for .parquet)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.add_argument("--head", type=int, default=10, help="rows printed without --out (default 10)")
+    p.set_defaults(handler=_cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``pyro-efa`` command line; returns the exit code (2 for user errors)."""
+    parser = _build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help and --version
+            return e.code if isinstance(e.code, int) else 0
+        return int(args.handler(args))
+    except (ValueError, KeyError, FileNotFoundError, TypeError, FloatingPointError) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,282 @@
+"""The ``pyro-efa`` command line: demo, fit / evaluate round trip, predict, and user errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pyro_efa.cli import main
+
+SMALL = ["--epochs", "2", "--dim", "8", "--no-progress"]
+
+
+def _counts_csv(path: Path, num_users: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(num_users):
+        for t, movie in enumerate(rng.permutation(["a", "b", "c", "d", "e"])[: rng.integers(3, 6)]):
+            rows.append(
+                {"user_id": 100 + u, "movie_id": movie, "timestamp": 10 * t, "count": rng.poisson(2.0)}
+            )
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _items_csv(path: Path, num_baskets: int = 40, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in range(num_baskets):
+        for rank, item in enumerate(rng.choice(6, size=rng.integers(2, 6), replace=False)):
+            rows.append({"order_id": f"o{b}", "product_id": int(item) + 1, "rank": rank + 1})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _metric_block(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "metrics (" in line)
+    return [line for line in lines[start + 1 :] if line.startswith("  ")]
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("pyro-efa: error: ")
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def counts_fit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    root = tmp_path_factory.mktemp("counts")
+    csv = _counts_csv(root / "counts.csv")
+    out = root / "fit"
+    args = ["fit", str(csv), "--unit", "user_id", "--key", "movie_id", "--value", "count"]
+    args += ["--order", "timestamp", "--family", "poisson", "--direction", "bi", "--out", str(out)]
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(args + SMALL) == 0
+    return csv, out, buf.getvalue()
+
+
+def test_module_help_subprocess() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "pyro_efa", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    for command in ("demo", "fit", "evaluate", "predict"):
+        assert command in res.stdout
+
+
+def test_demo_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--num-users", "200", "--num-epochs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["EFA"], ["EFE"])]
+    assert [r[:2] for r in rows] == [["EFA", "uni"], ["EFA", "bi"], ["EFE", "uni"], ["EFE", "bi"]]
+    assert all(np.isfinite(float(r[2])) and float(r[2]) > 0 for r in rows)
+    assert "Bayes-optimal test MSE: 1.0" in out
+    assert "test 50" in out  # users 151-200
+
+
+def test_fit_evaluate_round_trip_counts(counts_fit: tuple[Path, Path, str], capsys) -> None:
+    csv, out, fit_text = counts_fit
+    assert {"config.json", "params.pt", "split.json", "metrics.json"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert metrics["units"] == {"train": 32, "validation": 4, "test": 4}
+    assert len(split["test"]) == 4 and all(isinstance(u, int) for u in split["test"])
+
+    assert main(["evaluate", str(out), str(csv), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics["test"]  # exact floats
+    assert main(["evaluate", str(out), str(csv)]) == 0
+    text = capsys.readouterr().out
+    assert _metric_block(text) == _metric_block(fit_text)
+    assert any("MSE" in line for line in _metric_block(text))
+
+    assert main(["evaluate", str(out), str(csv), "--units", "all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_observations"] > metrics["test"]["num_observations"]
+
+
+def test_fit_evaluate_round_trip_items(tmp_path: Path, capsys) -> None:
+    csv = _items_csv(tmp_path / "baskets.csv")
+    out = tmp_path / "fit"
+    args = ["fit", str(csv), "--unit", "order_id", "--key", "product_id", "--order", "rank"]
+    assert main(args + ["--family", "categorical", "--efe", "--out", str(out), *SMALL]) == 0
+    fit_text = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "accuracy" in metrics["test"]
+    assert main(["evaluate", str(out), str(csv), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics["test"]
+    assert main(["evaluate", str(out), str(csv)]) == 0
+    assert _metric_block(capsys.readouterr().out) == _metric_block(fit_text)
+    # refitting into a directory that holds a previous fit is allowed
+    assert main(args + ["--out", str(out), *SMALL]) == 0
+    assert "replaced the fit" in capsys.readouterr().out
+
+
+def test_predict(counts_fit: tuple[Path, Path, str], tmp_path: Path, capsys) -> None:
+    csv, out, _ = counts_fit
+    metrics = json.loads((out / "metrics.json").read_text())
+    dest = tmp_path / "predictions.csv"
+    assert main(["predict", str(out), str(csv), "--out", str(dest)]) == 0
+    table = pd.read_csv(dest)
+    assert len(table) == metrics["test"]["num_observations"]
+    assert {"unit", "key", "value", "prediction", "log_likelihood"} <= set(table.columns)
+    split = json.loads((out / "split.json").read_text())
+    assert set(table["unit"]) == set(split["test"])
+    assert np.isclose(-table["log_likelihood"].mean(), metrics["test"]["nll"])
+    capsys.readouterr()
+    assert main(["predict", str(out), str(csv), "--head", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "prediction" in printed[0] and len(printed) == 5  # header, 3 rows, the count line
+    # an existing predictions file is not overwritten without --force
+    assert main(["predict", str(out), str(csv), "--out", str(dest)]) == 2
+    assert "--force" in _error_line(capsys)
+
+
+def test_family_map(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=20)
+    out = tmp_path / "fit"
+    args = ["fit", str(csv), "--unit", "user_id", "--key", "movie_id", "--value", "count", "--ties", "keep"]
+    family_map = ["--family-map", "a=negative_binomial,b=poisson", "--family", "poisson"]
+    assert main(args + family_map + ["--out", str(out), *SMALL]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["family"] == ["negative_binomial", "poisson", "poisson", "poisson", "poisson"]
+    capsys.readouterr()
+    # without a default family every key needs an entry
+    assert main(args + ["--family-map", "a=poisson", "--out", str(tmp_path / "f2"), *SMALL]) == 2
+    assert "no family" in _error_line(capsys)
+    assert (
+        main(args + ["--family-map", "zz=poisson", "--family", "poisson", "--out", str(tmp_path / "f3")]) == 2
+    )
+    assert "'zz'" in _error_line(capsys)
+
+
+# -- user errors: one line on stderr, exit code 2 -----------------------------------------------
+def _fit_args(csv: Path, out: Path, *extra: str) -> list[str]:
+    base = ["fit", str(csv), "--unit", "user_id", "--key", "movie_id", "--value", "count"]
+    return [*base, "--family", "poisson", "--out", str(out), *extra, *SMALL]
+
+
+def test_error_missing_file(tmp_path: Path, capsys) -> None:
+    assert main(_fit_args(tmp_path / "nope.csv", tmp_path / "fit")) == 2
+    assert "nope.csv" in _error_line(capsys)
+
+
+def test_error_missing_column(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=10)
+    args = _fit_args(csv, tmp_path / "fit")
+    args[args.index("count")] = "clicks"
+    assert main(args) == 2
+    assert "clicks" in _error_line(capsys)
+
+
+def test_error_nan_values(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=10)
+    df = pd.read_csv(csv)
+    df.loc[3, "count"] = np.nan
+    df.to_csv(csv, index=False)
+    assert main(_fit_args(csv, tmp_path / "fit")) == 2
+    line = _error_line(capsys)
+    assert "'count'" in line and "NaN" in line
+
+
+def test_error_bad_family(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=10)
+    args = _fit_args(csv, tmp_path / "fit")
+    args[args.index("poisson")] = "poison"
+    assert main(args) == 2
+    line = _error_line(capsys)
+    assert "'poison'" in line and "poisson" in line
+    assert not (tmp_path / "fit").exists()
+
+
+def test_error_items_with_scalar_family(tmp_path: Path, capsys) -> None:
+    csv = _items_csv(tmp_path / "baskets.csv", num_baskets=10)
+    args = ["fit", str(csv), "--unit", "order_id", "--key", "product_id", "--family", "poisson"]
+    assert main([*args, "--out", str(tmp_path / "fit"), *SMALL]) == 2
+    assert "--value" in _error_line(capsys)
+
+
+def test_error_unknown_keys(counts_fit: tuple[Path, Path, str], tmp_path: Path, capsys) -> None:
+    csv, out, _ = counts_fit
+    df = pd.read_csv(csv)
+    df.loc[df.index[-1], "movie_id"] = "zzz"
+    new = tmp_path / "new.csv"
+    df.to_csv(new, index=False)
+    assert main(["evaluate", str(out), str(new), "--units", "all"]) == 2
+    line = _error_line(capsys)
+    assert "movie_id" in line and "zzz" in line
+
+
+def test_error_not_a_fit(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=10)
+    (tmp_path / "empty").mkdir()
+    for command in ("evaluate", "predict"):
+        assert main([command, str(tmp_path / "empty"), str(csv)]) == 2
+        assert "fit" in _error_line(capsys)
+
+
+def test_error_out_dir_not_a_fit(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=20)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(_fit_args(csv, out)) == 2
+    line = _error_line(capsys)
+    assert "mine" in line and "--force" in line
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main(_fit_args(csv, out, "--force")) == 0
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "config.json").is_file()
+
+
+def test_error_usage(capsys) -> None:
+    assert main(["fit", "data.csv", "--key", "k", "--out", "x"]) == 2
+    assert "--unit" in _error_line(capsys)
+    assert main([]) == 2
+    _error_line(capsys)
+    assert main(["--help"]) == 0
+
+
+def test_parquet_multi_column_keys_and_context(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    cities = [(40.7, -74.0), (34.0, -118.2), (41.9, -87.6)]
+    rows = [
+        {"day": d, "lat": lat, "lon": lon, "temp": rng.normal(60, 5), "lag": i == 0}
+        for d in range(30)
+        for i, (lat, lon) in enumerate(cities)
+    ]
+    path = tmp_path / "temps.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    out = tmp_path / "fit"
+    args = ["fit", str(path), "--unit", "day", "--key", "lat", "--key", "lon", "--value", "temp"]
+    args += [
+        "--context",
+        "lag",
+        "--family-map",
+        "40.7:-74=gaussian",
+        "--family",
+        "gamma",
+        "--direction",
+        "bi",
+    ]
+    assert main([*args, "--out", str(out), *SMALL]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["key_embedding"] == "mlp"
+    assert sorted(config["model"]["family"]) == ["gamma", "gamma", "gaussian"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["num_observations"] == 2 * metrics["units"]["test"]  # lag rows are context
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics["test"]
+    # an option the family does not take
+    bad = [*args, "--family-option", "gamma.foo=1", "--out", str(tmp_path / "f2"), *SMALL]
+    assert main(bad) == 2
+    assert "--family-option" in _error_line(capsys)
