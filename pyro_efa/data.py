@@ -224,9 +224,11 @@ class EFAData:
         is_target = np.ones(len(df), dtype=bool)
         if context is not None:
             col = df[context]
-            if col.dtype != bool:
-                raise ValueError(f"context column {context!r} must be boolean (True = context only)")
-            is_target = ~col.to_numpy()
+            if not pd.api.types.is_bool_dtype(col) or col.isna().any():
+                raise ValueError(
+                    f"context column {context!r} must be boolean without missing values (True = context only)"
+                )
+            is_target = ~col.to_numpy(dtype=bool)
 
         dtype = torch.get_default_dtype()
         shape = (num_units, max_len)

@@ -93,9 +93,10 @@ class EFA(PyroModule):
     :param bool project: value / output projections in attention.
     :param bool attend_self: the query token attends to itself.
     :param float prior_scale: standard deviation ``s`` of the Normal priors of ``alpha``, ``rho``.
-    :param float value_center: values are fed to ``mlp`` / ``linear`` value embeddings as
-        ``(x - value_center) / value_scale``.
-    :param float value_scale: see ``value_center``.
+    :param value_center: a number, or one per key: values are fed to ``mlp`` / ``linear``
+        value embeddings as ``(x - value_center[k]) / value_scale[k]`` (:meth:`from_data` uses
+        each key's mean and standard deviation, so keys of different families and scales mix).
+    :param value_scale: see ``value_center``.
     :param str encoding: ``"auto"``, ``"one_pass"`` or ``"per_target"`` (see :class:`EFAEncoder`).
     :param float target_fraction: in training with per-target encoding, the fraction of each
         unit's targets used per step (the pseudo-likelihood is reweighted to stay unbiased).
@@ -131,8 +132,8 @@ class EFA(PyroModule):
         project: bool = True,
         attend_self: bool = True,
         prior_scale: float = 1.0,
-        value_center: float = 0.0,
-        value_scale: float = 1.0,
+        value_center: float | Sequence[float] = 0.0,
+        value_scale: float | Sequence[float] = 1.0,
         encoding: str = "auto",
         target_fraction: float = 1.0,
         dropout: float = 0.0,
@@ -220,8 +221,10 @@ class EFA(PyroModule):
             center, scale = feats.mean(0), feats.std(0, unbiased=False).clamp(min=1e-6)
             self.register_buffer("key_features", (feats - center) / scale)
             self.key_mlp = nn.Sequential(nn.Linear(feats.size(-1), 64), nn.GELU(), nn.Linear(64, self.dim))
-        self.register_buffer("value_center", torch.tensor(float(value_center)))
-        self.register_buffer("value_scale", torch.tensor(float(value_scale)))
+        center = torch.as_tensor(value_center, dtype=torch.get_default_dtype())
+        scale = torch.as_tensor(value_scale, dtype=torch.get_default_dtype())
+        self.register_buffer("value_center", center.expand(self.num_keys).clone())
+        self.register_buffer("value_scale", scale.expand(self.num_keys).clone())
         if self.value_embedding == "mlp":
             self.value_net = nn.Sequential(nn.Linear(1, 32), nn.GELU(), nn.Linear(32, self.dim))
         elif self.value_embedding == "linear":
@@ -276,8 +279,9 @@ class EFA(PyroModule):
             kwargs.update(kind="valued", num_keys=len(data.keys), family=names)
             x = data.values[data.target]
             if x.numel():
-                kwargs.setdefault("value_center", float(x.mean()))
-                kwargs.setdefault("value_scale", float(x.std(unbiased=False).clamp(min=1e-6)))
+                center, scale = _per_key_moments(data)
+                kwargs.setdefault("value_center", center)
+                kwargs.setdefault("value_scale", scale)
             if "categorical" in names:
                 # classes from the categorical keys' values only (not other families' values)
                 is_cat = torch.tensor([n == "categorical" for n in names], dtype=torch.bool)
@@ -460,7 +464,8 @@ class EFA(PyroModule):
             elif self.value_embedding == "lookup":
                 content = key + self.value_table[data.values.long()]
             else:
-                content = key + self.value_net((x - self.value_center) / self.value_scale)
+                k = data.key_index.unsqueeze(-1)
+                content = key + self.value_net((x - self.value_center[k]) / self.value_scale[k])
         query = key + self.mask_vector
         if self.use_position:
             pos = self.position[:L]
@@ -478,8 +483,12 @@ class EFA(PyroModule):
         return (z @ rho.transpose(-1, -2) + self.intercept).gather(-1, rows)
 
     def _target_subset(self, data: EFAData) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        # an unbiased random subset of each unit's targets (training with per-target encoding)
-        if not self.training or self.target_fraction >= 1.0:
+        # an unbiased random subset of each unit's targets (training with per-target encoding;
+        # one pass computes every target anyway, so a subset would only add variance)
+        per_target = self.encoding == "per_target" or (
+            self.encoding == "auto" and not self.encoder.one_pass_exact
+        )
+        if not self.training or self.target_fraction >= 1.0 or not per_target:
             return None, None
         targets = data.target & data.mask
         n = targets.sum(-1, keepdim=True)
@@ -575,6 +584,24 @@ class EFA(PyroModule):
                 w = w[..., :n] + torch.diagonal(w[..., n:], dim1=-2, dim2=-1).diag_embed()
             maps.append(w)
         return maps
+
+
+def _per_key_moments(data: EFAData) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation of each key's values (all observations, context included);
+    keys with fewer than two values fall back to the pooled moments."""
+    m = data.mask
+    keys, x = data.key_index[m], data.values[m].double()
+    num_keys = len(data.keys)
+    n = torch.bincount(keys, minlength=num_keys).double()
+    s1 = torch.bincount(keys, weights=x, minlength=num_keys)
+    s2 = torch.bincount(keys, weights=x * x, minlength=num_keys)
+    mean = s1 / n.clamp(min=1)
+    std = (s2 / n.clamp(min=1) - mean**2).clamp(min=0).sqrt()
+    pooled_mean, pooled_std = x.mean(), x.std(unbiased=False)
+    few = n < 2
+    mean = torch.where(few, pooled_mean, mean)
+    std = torch.where(few | (std < 1e-6), pooled_std.clamp(min=1e-6), std)
+    return mean.tolist(), std.clamp(min=1e-6).tolist()
 
 
 def num_parameters(module: nn.Module) -> int:
