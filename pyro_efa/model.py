@@ -299,7 +299,8 @@ class EFA(PyroModule):
                 if data.keys.features is None:
                     raise ValueError("key_embedding='mlp' needs numeric key columns")
                 kwargs["key_features"] = data.keys.features
-        kwargs.setdefault("max_len", max(data.max_len, 1))
+        # room for held-out units longer than any training unit (untrained rows stay near 0)
+        kwargs.setdefault("max_len", max(512, 2 * data.max_len))
         return cls(**kwargs)
 
     @classmethod
