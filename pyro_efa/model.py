@@ -401,6 +401,8 @@ class EFA(PyroModule):
         computed but meaningless.
         """
         self._check_batch(data)
+        if select is None:  # per-target encoding computes the modelled observations only
+            select = data.target & data.mask
         alpha = self.alpha if hasattr(self, "alpha") else None
         rho = self.rho
         content, query = self.tokens(data, alpha)
@@ -540,17 +542,26 @@ class EFA(PyroModule):
     @torch.no_grad()
     def init_intercept(self, data: EFAData) -> None:
         """Set the intercepts ``b`` to the best constant fit of each key's values (items: the
-        log frequencies), so that training starts from the marginal model."""
+        log frequencies), so that training starts from the marginal model, and the families'
+        nuisance parameters (e.g. the Gaussian scale) from the residuals of that fit."""
         if self.kind == "items":
             counts = torch.bincount(data.values[data.target & data.mask].long(), minlength=self.num_items)
             self.intercept.copy_(torch.log((counts + 1.0) / (counts.sum() + self.num_items)))
             return
         keys = data.key_index[data.target & data.mask]
         vals = data.values[data.target & data.mask]
+        residual = torch.zeros_like(vals)
         for k in torch.unique(keys).tolist():
             family = self.families[int(self.key_family[k])]
             rows = self.readout_rows[k, : family.natural_dim]
-            self.intercept[rows] = family.initial_eta(vals[keys == k]).to(self.intercept.dtype)
+            here = keys == k
+            eta = family.initial_eta(vals[here]).to(self.intercept.dtype)
+            self.intercept[rows] = eta
+            residual[here] = vals[here] - vals[here].mean()  # around the constant fit's mean
+        fam_of_obs = self.key_family[keys]
+        for f, family in enumerate(self.families):
+            here = fam_of_obs == f
+            family.init_nuisance(residual[here], keys[here])
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, direction={self.direction!r}, dim={self.dim}, keys={self.num_keys}"

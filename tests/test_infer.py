@@ -95,7 +95,9 @@ def test_pointwise_loglik_sums_to_trace(counts: EFAData) -> None:
 
 
 def test_mc_predictive_density(counts: EFAData) -> None:
-    f = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, guide="normal", num_epochs=2, progress=False)
+    f = fit(
+        EFA.from_data(counts, family="poisson", **SMALL), counts, guide="normal", num_epochs=2, progress=False
+    )
     a = log_likelihood(f, counts, num_samples=8, seed=0)
     b = log_likelihood(f, counts, num_samples=8, seed=0)
     assert torch.equal(a, b)
@@ -106,7 +108,9 @@ def test_mc_predictive_density(counts: EFAData) -> None:
 
 
 def test_posterior_predictive_shapes(counts: EFAData) -> None:
-    f = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, guide="normal", num_epochs=1, progress=False)
+    f = fit(
+        EFA.from_data(counts, family="poisson", **SMALL), counts, guide="normal", num_epochs=1, progress=False
+    )
     draws = posterior_predictive(f, counts, num_samples=5)
     assert draws.shape == (5, *counts.values.shape)
     targets = counts.target & counts.mask
@@ -116,7 +120,9 @@ def test_posterior_predictive_shapes(counts: EFAData) -> None:
 
 @pytest.mark.parametrize("guide", ["map", "normal"])
 def test_save_load_round_trip(counts: EFAData, tmp_path, guide: str) -> None:
-    f = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, guide=guide, num_epochs=2, progress=False)
+    f = fit(
+        EFA.from_data(counts, family="poisson", **SMALL), counts, guide=guide, num_epochs=2, progress=False
+    )
     save(f, tmp_path / "fit")
     g = load(tmp_path / "fit")
     assert evaluate(g, counts) == evaluate(f, counts)
@@ -188,10 +194,19 @@ def test_synthetic_fit_reaches_floor() -> None:
     test = data.subset(range(7500, 10_000), reindex=True)
     train, val = train_all.split((0.75, 0.25), seed=0)
     for direction in ("uni", "bi"):
-        f = fit(EFA.from_data(train, direction=direction), train, val_data=val, lr=3e-3, num_epochs=40, progress=False)
+        f = fit(
+            EFA.from_data(train, direction=direction),
+            train,
+            val_data=val,
+            lr=3e-3,
+            num_epochs=40,
+            progress=False,
+        )
         mse = evaluate(f, test)["mse"]
         assert mse < 1.10, (direction, mse)
-        e = fit(EFA.efe(train, direction=direction), train, val_data=val, lr=3e-3, num_epochs=40, progress=False)
+        e = fit(
+            EFA.efe(train, direction=direction), train, val_data=val, lr=3e-3, num_epochs=40, progress=False
+        )
         assert evaluate(e, test)["mse"] > mse + 0.3
         # generated units follow the rules: movie 2 after movie 1 has mean 1, before it 5
         for keys, mu2 in (([1, 2, 3, 4, 5], 1.0), ([2, 1, 3, 4, 5], 5.0)):

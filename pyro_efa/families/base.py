@@ -86,6 +86,11 @@ class Family(PyroModule):
         """
         return x.new_zeros(self.natural_dim)
 
+    def init_nuisance(self, residual: torch.Tensor, key_index: torch.Tensor) -> None:
+        """Initialise nuisance parameters (scale, dispersion, shape) from the residuals
+        ``x - mean`` of the best constant fit per key, with their keys. The default does nothing.
+        """
+
     def log_base_measure(self, x: torch.Tensor) -> torch.Tensor:
         r"""``log h(x)``: the part of ``log_prob`` that does not depend on the parameters
         (for example ``-log x!`` for the Poisson). Metrics "without the base measure" subtract it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pyro.distributions import Normal, TorchDistribution
 from pyro.nn import PyroParam
-from torch.distributions import constraints
+from torch.distributions import constraints, transform_to
 
 from .base import Family, register_family
 
@@ -54,6 +54,24 @@ class GaussianFamily(Family):
 
     def initial_eta(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean().reshape(1) if x.numel() else x.new_zeros(1)
+
+    @torch.no_grad()
+    def init_nuisance(self, residual: torch.Tensor, key_index: torch.Tensor) -> None:
+        # start the learned scale at the residual standard deviation (per key when per_key):
+        # with a scale of 1 on data of scale 10, Adam needs thousands of steps to get there
+        if self.fixed_scale or residual.numel() == 0:
+            return
+        pooled = residual.pow(2).mean().sqrt().clamp(min=1e-3)
+        if self.per_key:
+            n = torch.bincount(key_index, minlength=self.num_keys).to(residual.dtype)
+            ss = torch.bincount(key_index, weights=residual.pow(2), minlength=self.num_keys).to(
+                residual.dtype
+            )
+            value = torch.where(n >= 2, (ss / n.clamp(min=1)).sqrt().clamp(min=1e-3), pooled)
+        else:
+            value = pooled
+        unconstrained = transform_to(constraints.positive).inv(value.to(self.scale_unconstrained.dtype))
+        self.scale_unconstrained.copy_(unconstrained.expand_as(self.scale_unconstrained))
 
     def describe_support(self) -> str:
         return "real numbers"

@@ -1,0 +1,187 @@
+"""MovieLens 100K: item sequences and ratings, EFA against the EFE baseline.
+
+**Data.** ``movielens-100k/u.data`` (GroupLens; tab-separated user id, movie id, rating 1-5, unix
+timestamp; 100,000 ratings). One unit per user. The file is read from a path and never copied.
+
+**Two tasks (SPEC section 2), filters in the official order.**
+
+``items`` (``load_items``): watch histories as item sequences, categorical over the 50 movies.
+(1) keep the 50 most-rated movies (the 50th place is a tie of two movies; the one with the smaller
+id is kept, which reproduces the paper's counts exactly); (2) drop users whose count of ratings
+divided by their number of distinct timestamps is >= 2 (mostly bulk-rated at once); (3) keep one
+rating per (user, timestamp), chosen at random with seed 42 (a seeded shuffle, then
+``drop_duplicates``); (4) order each user's ratings by timestamp. Result: 902 users, 13,757
+ratings. Metric: test cross-entropy in nats per rating (``evaluate()["nll"]``).
+
+``ratings`` (``load_ratings``): first keep the 3-, 4- and 5-star ratings and recode them 1, 2, 3;
+then the same steps, with users holding a single rating dropped before step (3). Result: 893
+users, 12,465 ratings. The key of an observation is the movie, its order the timestamp, and the
+value modelled is ``rating - 1`` (0, 1, 2) under a Poisson family (fed to the network through an
+MLP value embedding, never a lookup table). Metric: test NLL per rating without the ``log y!`` term
+(``evaluate()["nll_no_base"]``).
+
+**Split.** By user with seed 42: 75% of users for training (of which 25% of users held out for
+early stopping), 25% for testing. The official split lost about 45 users to a bug; this clean
+split has the same proportions, so test numbers are comparable, not identical.
+
+**Paper's numbers** (uni / bi, single unseeded runs): items: EFA 3.4438 / 3.4828, EFE baseline
+3.5336 / 3.5657; ratings: EFA 0.9529 / 0.9446, EFE baseline 0.9723 / 0.9707. The official
+ratings model fed the rating to an integer lookup table, its baselines had no intercept, and its
+validation examples were split per example; none of this is copied here.
+
+**Recommended configuration.** The paper's architecture (the library's defaults): d = 32, learned
+position embedding, 2 layers x 2 heads of width 16, residual adds, no LayerNorm or feed-forward;
+EFE via ``EFA.efe``. The paper trained with Adam lr 1e-4 on batches of 256 (user, target) examples;
+a batch here holds whole users with all their targets, so ``batch_size=16`` users (about 15
+ratings each) is about 256 examples, with lr 1e-3 and patience 10 (not tuned on the test users).
+
+Run ``python models/movielens.py --task items`` (or ``--task ratings``); ``--smoke`` for a
+seconds-long check of the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pyro
+
+from pyro_efa import EFA, EFAData, evaluate, fit
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+NUM_MOVIES = 50
+METRIC = {"items": "nll", "ratings": "nll_no_base"}
+PAPER = {
+    "items": {("EFA", "uni"): 3.4438, ("EFA", "bi"): 3.4828, ("EFE", "uni"): 3.5336, ("EFE", "bi"): 3.5657},
+    "ratings": {("EFA", "uni"): 0.9529, ("EFA", "bi"): 0.9446, ("EFE", "uni"): 0.9723, ("EFE", "bi"): 0.9707},
+}
+FIT_OPTIONS = {"lr": 1e-3, "batch_size": 16, "patience": 10}
+SMOKE_SIZES = (32, 16, 16)  # train, validation, test units under --smoke
+SMOKE_MODEL = {"dim": 8, "num_layers": 1, "num_heads": 1, "head_dim": 8}
+
+
+def read_ratings(data_dir: str | Path = DATA_DIR) -> pd.DataFrame:
+    """The raw ratings: columns user, movie, rating, timestamp."""
+    path = Path(data_dir) / "movielens-100k" / "u.data"
+    return pd.read_csv(path, sep="\t", names=["user", "movie", "rating", "timestamp"])
+
+
+def _filter(df: pd.DataFrame, seed: int, drop_single: bool) -> pd.DataFrame:
+    # (1) the 50 most-rated movies; ties in the count broken by the smaller movie id
+    counts = df.groupby("movie").size().reset_index(name="count")
+    top = counts.sort_values(["count", "movie"], ascending=[False, True])["movie"].iloc[:NUM_MOVIES]
+    df = df[df["movie"].isin(top)]
+    # (2) drop users whose ratings mostly share time stamps (count / distinct time stamps >= 2)
+    per_user = df.groupby("user")["timestamp"].agg(["size", "nunique"])
+    df = df[df["user"].isin(per_user.index[per_user["size"] / per_user["nunique"] < 2])]
+    if drop_single:  # ratings task: users with a single rating go before step (3)
+        n = df.groupby("user").size()
+        df = df[df["user"].isin(n.index[n > 1])]
+    # (3) one rating per (user, time stamp), chosen at random (seeded)
+    df = df.sample(frac=1.0, random_state=seed).drop_duplicates(["user", "timestamp"])
+    # (4) the order by time stamp is the ``order=`` column of EFAData.from_pandas
+    return df.sort_values(["user", "timestamp"]).reset_index(drop=True)
+
+
+def _split(data: EFAData, seed: int) -> tuple[EFAData, EFAData, EFAData]:
+    train_all, test = data.split((0.75, 0.25), seed=seed)
+    train, val = train_all.split((0.75, 0.25), seed=seed)
+    return train, val, test
+
+
+def load_items(data_dir: str | Path = DATA_DIR, seed: int = 42) -> tuple[EFAData, EFAData, EFAData]:
+    """Train, validation and test users' watch histories (item sequences over 50 movies)."""
+    df = _filter(read_ratings(data_dir), seed, drop_single=False)
+    # item sequences: the movie column is the value (an item), ordered by time stamp
+    data = EFAData.from_pandas(df, unit="user", key="movie", order="timestamp")
+    return _split(data, seed)
+
+
+def load_ratings(data_dir: str | Path = DATA_DIR, seed: int = 42) -> tuple[EFAData, EFAData, EFAData]:
+    """Train, validation and test users' ratings (value ``rating - 1`` in 0, 1, 2; key = movie)."""
+    df = read_ratings(data_dir)
+    df = df[df["rating"] >= 3].assign(rating=lambda d: d["rating"] - 2)  # 3, 4, 5 -> 1, 2, 3
+    df = _filter(df, seed, drop_single=True)
+    df["y"] = df["rating"] - 1  # the Poisson count
+    data = EFAData.from_pandas(df, unit="user", key="movie", value="y", order="timestamp")
+    return _split(data, seed)
+
+
+def _family(task: str) -> str | None:
+    return "poisson" if task == "ratings" else None  # items data is always categorical
+
+
+def efa_model(
+    train: EFAData, direction: str, task: str = "items", max_len: int | None = None, **overrides
+) -> EFA:
+    """The recommended EFA (the paper's architecture). ``max_len``: the longest unit of all
+    splits (the position embedding must cover the test users too)."""
+    return EFA.from_data(
+        train, family=_family(task), direction=direction, max_len=max_len or train.max_len, **overrides
+    )
+
+
+def efe_model(train: EFAData, direction: str, task: str = "items", **overrides) -> EFA:
+    """The EFE baseline as a configuration of EFA (no positions), with an intercept."""
+    return EFA.efe(train, family=_family(task), direction=direction, **overrides)
+
+
+def _head(data: EFAData, n: int) -> EFAData:
+    return data.subset(range(min(n, len(data))), reindex=True)
+
+
+def _summary(name: str, direction: str, scores: list[float], paper: float | None) -> str:
+    mean = statistics.fmean(scores)
+    sd = statistics.stdev(scores) if len(scores) > 1 else math.nan
+    ref = f"{paper:>8.4f}" if paper is not None else f"{'-':>8}"
+    runs = " ".join(f"{s:.4f}" for s in scores)
+    return f"{name:<5} {direction:<4} {mean:>8.4f} {sd:>7.4f} {ref}   {runs}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="EFA and EFE on MovieLens 100K (items or ratings).")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding movielens-100k/")
+    parser.add_argument("--task", choices=("items", "ratings"), default="items")
+    parser.add_argument("--direction", nargs="+", choices=("uni", "bi"), default=["uni", "bi"])
+    parser.add_argument("--guide", choices=("map", "normal", "lowrank"), default="map")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fit seeds")
+    parser.add_argument("--max-epochs", type=int, default=100, help="early stopping may end sooner")
+    parser.add_argument("--smoke", action="store_true", help="tiny data and model, 1 epoch")
+    args = parser.parse_args(argv)
+
+    loader = load_items if args.task == "items" else load_ratings
+    train, val, test = loader(args.data_dir)
+    overrides: dict = {}
+    max_epochs = args.max_epochs
+    if args.smoke:
+        train, val, test = (_head(d, n) for d, n in zip((train, val, test), SMOKE_SIZES, strict=True))
+        overrides, max_epochs = SMOKE_MODEL, 1
+    max_len = max(d.max_len for d in (train, val, test))
+    metric = METRIC[args.task]
+    print(f"MovieLens {args.task}: train {train}\n  validation {val}\n  test {test}")
+    print(f"test {metric} over seeds {args.seeds}, guide {args.guide}, {FIT_OPTIONS}")
+    print(f"{'model':<5} {'dir':<4} {'mean':>8} {'sd':>7} {'paper':>8}   per seed")
+    for direction in args.direction:
+        for name in ("EFA", "EFE"):
+            scores = []
+            for seed in args.seeds:
+                pyro.set_rng_seed(seed)  # network initialisation
+                if name == "EFA":
+                    model = efa_model(train, direction, args.task, max_len=max_len, **overrides)
+                else:
+                    model = efe_model(train, direction, args.task, **overrides)
+                fitted = fit(
+                    model, train, guide=args.guide, val_data=val, num_epochs=max_epochs, seed=seed,
+                    progress=not args.smoke, **FIT_OPTIONS,
+                )  # fmt: skip
+                scores.append(evaluate(fitted, test)[metric])
+            print(_summary(name, direction, scores, PAPER[args.task][name, direction]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
