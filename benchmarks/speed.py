@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         direction, encoding, length, steps = args.worker
         print(json.dumps(worker(direction, encoding, int(length), int(steps))))
         return 0
-    lengths = [4, 8] if args.smoke else args.lengths
+    lengths = [4] if args.smoke else args.lengths
     rows = []
     for direction in ("uni", "bi"):
         for n in lengths:

@@ -214,3 +214,38 @@ def test_synthetic_fit_reaches_floor() -> None:
             x = s.loc[s.key == 2, "value"].to_numpy()
             # tolerance: 4 standard errors of the mean plus a 0.25 allowance for model error
             assert abs(x.mean() - mu2) < 4 * x.std() / np.sqrt(len(x)) + 0.25, (direction, keys, x.mean())
+
+
+def test_unit_with_only_context_observations_contributes_nothing() -> None:
+    """Documented behaviour: a unit whose observations are all context-only is kept (it has
+    nothing to score); its log-likelihood terms are 0 and it is not counted in metrics."""
+    df = pd.DataFrame(
+        {
+            "u": [1, 1, 1, 2, 2, 3, 3],
+            "k": [1, 2, 3, 1, 2, 2, 3],
+            "x": [1.0, 2.0, 0.5, 1.5, 2.5, 0.0, 1.0],
+            "ctx": [False, False, False, True, True, False, True],
+        }
+    )
+    data = EFAData.from_pandas(df, unit="u", key="k", value="x", context="ctx")
+    f = fit(EFA.from_data(data, **SMALL), data, num_epochs=1, progress=False)
+    ll = log_likelihood(f, data)
+    assert torch.all(ll[1] == 0) and torch.all(ll[0, :3] != 0)
+    assert evaluate(f, data)["num_observations"] == 4
+
+
+def test_ancestral_first_draw_follows_the_intercept() -> None:
+    """Uni EFE: the first item of a new unit has an empty context, so its distribution is
+    softmax(b) exactly; draws match it within 4 standard errors per item."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(
+        {"basket": np.repeat(np.arange(40), 3), "item": rng.choice(["a", "b", "c", "d"], size=120)}
+    )
+    data = EFAData.from_pandas(df, unit="basket", key="item")
+    f = fit(EFA.efe(data), data, num_epochs=2, progress=False)
+    draws = sample_units(f, 4000, length=2, seed=1)
+    first = draws[draws.position == 0].value.value_counts(normalize=True)
+    p = torch.softmax(f.efa.intercept.detach(), -1).numpy()
+    for i, label in enumerate(data.items.labels):
+        se = np.sqrt(p[i] * (1 - p[i]) / 4000)
+        assert abs(first.get(label, 0.0) - p[i]) < 4 * se, label
