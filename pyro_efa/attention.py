@@ -239,7 +239,9 @@ class EFAEncoder(nn.Module):
         # (B, n, 2n): query i attends to content j in c_i, and to its own query token
         n = mask.size(-1)
         ctx = context_mask(mask, self.direction)
-        own = torch.eye(n, dtype=torch.bool, device=mask.device) & self.attend_self
+        own = torch.eye(n, dtype=torch.bool, device=mask.device)
+        if not self.attend_self:
+            own = torch.zeros_like(own)
         return torch.cat([ctx, own.expand_as(ctx)], dim=-1)
 
     def _one_pass(self, content: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -292,3 +294,73 @@ class EFAEncoder(nn.Module):
             y = block(x, x, allowed)
             x = torch.where(is_query[..., None], y, tokens) if self.context_stream == "fixed" else y
         return x[p, i]
+
+    @torch.no_grad()
+    def attention_weights(
+        self, content: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, mode: str = "auto"
+    ) -> list[torch.Tensor]:
+        """Attention weights of the query stream in every layer, for attention maps.
+
+        ``one_pass`` (the mode of :meth:`forward` with ``"auto"`` when it is exact): one tensor
+        ``(B, heads, n, 2n)`` per layer; row ``i`` holds the weights of target ``i`` over the
+        content states ``0..n-1`` (columns ``:n``; nonzero only on its context ``c_i``) and over
+        the query tokens (columns ``n:``; nonzero only on its own query token ``n + i``).
+
+        ``per_target``: one tensor ``(B, heads, n, n)`` per layer; row ``i`` holds the weights
+        of target ``i``'s query token in its own sequence, column ``i`` being its own token.
+
+        Rows of padding positions and of targets with nothing to attend to are 0; all others sum
+        to 1 (softmax weights, also with ``pool="sum"``, which rescales the output, not the
+        weights).
+
+        :param ~torch.Tensor content: ``(B, n, d)`` content tokens.
+        :param ~torch.Tensor query: ``(B, n, d)`` query tokens.
+        :param ~torch.Tensor mask: ``(B, n)`` True for real observations.
+        :param str mode: ``"auto"``, ``"one_pass"`` or ``"per_target"``, as in :meth:`forward`.
+        :rtype: list[~torch.Tensor]
+        """
+        if mode == "auto":
+            mode = "one_pass" if self.one_pass_exact else "per_target"
+        if mode not in ("one_pass", "per_target"):
+            raise ValueError(f"mode must be 'auto', 'one_pass' or 'per_target', got {mode!r}")
+        if mode == "one_pass" and not self.one_pass_exact:
+            raise ValueError("one-pass encoding is not exact for this configuration; use mode='per_target'")
+        out: list[torch.Tensor] = []
+        if mode == "one_pass":
+            # the loop of _one_pass, reading each block's weights before applying it
+            allowed_q = self._query_allowed(mask)
+            eye = torch.eye(mask.size(-1), dtype=torch.bool, device=mask.device)
+            allowed_c = (context_mask(mask, "uni") | eye) & mask[..., None, :]
+            h, g = content, query
+            for layer, block in enumerate(self.blocks):
+                memory = torch.cat([h, g], dim=-2)
+                out.append(block.weights(g, memory, allowed_q) * mask[..., None, :, None])
+                g_next = block(g, memory, allowed_q)
+                if self.context_stream == "shared" and layer + 1 < len(self.blocks):
+                    h = block(h, h, allowed_c)
+                g = g_next
+            return out
+        # per target: the sequences of _per_target_states, keeping row i of each target's sequence
+        B, n = mask.shape
+        weights = [query.new_zeros(B, block.num_heads, n, n) for block in self.blocks]
+        b_all, i_all = torch.nonzero(mask, as_tuple=True)
+        idx = torch.arange(n, device=mask.device)
+        for start in range(0, b_all.numel(), self.chunk_size):
+            b, i = b_all[start : start + self.chunk_size], i_all[start : start + self.chunk_size]
+            p = torch.arange(b.numel(), device=b.device)
+            is_query = torch.zeros(b.numel(), n, dtype=torch.bool, device=b.device)
+            is_query[p, i] = True
+            tokens = torch.where(is_query[..., None], query[b], content[b])
+            valid = mask[b]
+            if self.direction == "uni":
+                allowed = (idx[None, :] <= idx[:, None]) & valid[:, None, :]
+            else:
+                allowed = valid[:, None, :].expand(-1, n, -1).clone()
+            allowed[p, i, i] = self.attend_self
+            x = tokens
+            for layer, block in enumerate(self.blocks):
+                w = block.weights(x, x, allowed)  # (P, heads, n, n)
+                weights[layer][b, :, i] = w[p, :, i]
+                y = block(x, x, allowed)
+                x = torch.where(is_query[..., None], y, tokens) if self.context_stream == "fixed" else y
+        return weights

@@ -20,6 +20,7 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .data import EFAData
 from .infer import EFAFit
@@ -109,7 +110,11 @@ def sample_units(
             params = fitted.median(data)
         else:
             trace = poutine.trace(fitted.guide).get_trace(data)
-            params = {k: v["value"].detach() for k, v in trace.nodes.items() if v["type"] == "sample"}
+            params = {
+                k: v["value"].detach()
+                for k, v in trace.nodes.items()
+                if v["type"] == "sample" and not site_is_subsample(v)
+            }
         n = data.max_len
         values = data.values.clone()
         # uni: one ancestral pass; bi: an initial pass from the current state, then Gibbs sweeps

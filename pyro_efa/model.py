@@ -209,7 +209,8 @@ class EFA(PyroModule):
 
         # -- latent embedding tables -------------------------------------------------------------
         self.register_buffer("_zero", torch.zeros(()))
-        if kind == "items" or key_embedding == "lookup":
+        self.has_alpha = kind == "items" or key_embedding == "lookup"
+        if self.has_alpha:
             num_alpha = self.num_items if kind == "items" else self.num_keys
             self.alpha = PyroSample(self._prior(num_alpha))
         self.rho = PyroSample(self._prior(self.num_rows))
@@ -403,7 +404,7 @@ class EFA(PyroModule):
         self._check_batch(data)
         if select is None:  # per-target encoding computes the modelled observations only
             select = data.target & data.mask
-        alpha = self.alpha if hasattr(self, "alpha") else None
+        alpha = self.alpha if self.has_alpha else None
         rho = self.rho
         content, query = self.tokens(data, alpha)
         z = self.encoder(content, query, data.mask, mode=mode or self.encoding, select=select)
@@ -587,7 +588,7 @@ class EFA(PyroModule):
         :rtype: list[~torch.Tensor]
         """
         self._check_batch(data)
-        alpha = self.alpha if hasattr(self, "alpha") else None
+        alpha = self.alpha if self.has_alpha else None
         content, query = self.tokens(data, alpha)
         maps = []
         n = data.max_len
