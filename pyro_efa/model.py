@@ -97,6 +97,12 @@ class EFA(PyroModule):
         value embeddings as ``(x - value_center[k]) / value_scale[k]`` (:meth:`from_data` uses
         each key's mean and standard deviation, so keys of different families and scales mix).
     :param value_scale: see ``value_center``.
+    :param bool standardize: Gaussian keys predict on the standardised scale: their natural
+        parameter (the mean) is ``value_center[k] + value_scale[k] * (rho[k] . z + b[k])``, so
+        the network and intercepts work with numbers of order one whatever the data's units
+        (values near 1e8 train like values near 0). The distribution, its log-density, the
+        predictions and the metrics stay in the data's units: nothing has to be undone by hand.
+        :meth:`from_data` turns it on (off for :meth:`efe`, whose closed form it would change).
     :param str encoding: ``"auto"``, ``"one_pass"`` or ``"per_target"`` (see :class:`EFAEncoder`).
     :param float target_fraction: in training with per-target encoding, the fraction of each
         unit's targets used per step (the pseudo-likelihood is reweighted to stay unbiased).
@@ -134,6 +140,7 @@ class EFA(PyroModule):
         prior_scale: float = 1.0,
         value_center: float | Sequence[float] = 0.0,
         value_scale: float | Sequence[float] = 1.0,
+        standardize: bool = False,
         encoding: str = "auto",
         target_fraction: float = 1.0,
         dropout: float = 0.0,
@@ -184,6 +191,7 @@ class EFA(PyroModule):
             "ff_dim": ff_dim, "context_stream": context_stream, "attention": attention, "pool": pool,
             "residual": residual, "project": project, "attend_self": attend_self,
             "prior_scale": prior_scale, "value_center": value_center, "value_scale": value_scale,
+            "standardize": bool(standardize),
             "encoding": encoding, "target_fraction": target_fraction, "dropout": dropout, "name": name,
         }  # fmt: skip
         super().__init__(name=name)
@@ -226,6 +234,13 @@ class EFA(PyroModule):
         scale = torch.as_tensor(value_scale, dtype=torch.get_default_dtype())
         self.register_buffer("value_center", center.expand(self.num_keys).clone())
         self.register_buffer("value_scale", scale.expand(self.num_keys).clone())
+        # output standardisation of Gaussian keys (identity for every other key)
+        self.standardize = bool(standardize) and kind == "valued"
+        gauss = torch.tensor([self.families[f].name == "gaussian" for f in self.key_family.tolist()])
+        on = gauss & self.standardize
+        zero = torch.zeros_like(self.value_center)
+        self.register_buffer("_out_center", torch.where(on, self.value_center, zero), persistent=False)
+        self.register_buffer("_out_scale", torch.where(on, self.value_scale, zero + 1), persistent=False)
         if self.value_embedding == "mlp":
             self.value_net = nn.Sequential(nn.Linear(1, 32), nn.GELU(), nn.Linear(32, self.dim))
         elif self.value_embedding == "linear":
@@ -283,6 +298,7 @@ class EFA(PyroModule):
                 center, scale = _per_key_moments(data)
                 kwargs.setdefault("value_center", center)
                 kwargs.setdefault("value_scale", scale)
+            kwargs.setdefault("standardize", True)
             if "categorical" in names:
                 # classes from the categorical keys' values only (not other families' values)
                 is_cat = torch.tensor([n == "categorical" for n in names], dtype=torch.bool)
@@ -318,7 +334,7 @@ class EFA(PyroModule):
         config = dict(
             num_layers=1, num_heads=1, attention="uniform", project=False, residual=False,
             position=False, attend_self=False, layer_norm=False, ff_dim=0,
-            pool="sum" if data.kind == "items" else "mean",
+            pool="sum" if data.kind == "items" else "mean", standardize=False,
         )  # fmt: skip
         if data.kind == "valued":
             config["value_embedding"] = "key_linear"
@@ -477,14 +493,22 @@ class EFA(PyroModule):
         return content, query
 
     def readout(self, z: torch.Tensor, key_index: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-        """``eta = rho[rows(k)] . z + b[rows(k)]``, shape ``(B, L, D)``."""
+        """``eta = rho[rows(k)] . z + b[rows(k)]``, shape ``(B, L, D)`` (for standardised
+        Gaussian keys ``value_center[k] + value_scale[k] * eta``)."""
         if self.kind == "items":
             return z @ rho.transpose(-1, -2) + self.intercept
         rows = self.readout_rows[key_index]
         if rows.size(-1) == 1:
             r = rows.squeeze(-1)
-            return ((rho[r] * z).sum(-1) + self.intercept[r]).unsqueeze(-1)
-        return (z @ rho.transpose(-1, -2) + self.intercept).gather(-1, rows)
+            eta = (rho[r] * z).sum(-1) + self.intercept[r]
+            if self.standardize:
+                eta = self._out_center[key_index] + self._out_scale[key_index] * eta
+            return eta.unsqueeze(-1)
+        eta = (z @ rho.transpose(-1, -2) + self.intercept).gather(-1, rows)
+        if self.standardize:
+            first = self._out_center[key_index] + self._out_scale[key_index] * eta[..., 0]
+            eta = torch.cat([first.unsqueeze(-1), eta[..., 1:]], -1)
+        return eta
 
     def _target_subset(self, data: EFAData) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # an unbiased random subset of each unit's targets (training with per-target encoding;
@@ -557,6 +581,7 @@ class EFA(PyroModule):
             rows = self.readout_rows[k, : family.natural_dim]
             here = keys == k
             eta = family.initial_eta(vals[here]).to(self.intercept.dtype)
+            eta[0] = (eta[0] - self._out_center[k]) / self._out_scale[k]  # standardised keys
             self.intercept[rows] = eta
             residual[here] = vals[here] - vals[here].mean()  # around the constant fit's mean
         fam_of_obs = self.key_family[keys]
