@@ -9,16 +9,33 @@ modules (model and guide), not in the global parameter store, so that several fi
 never share values through site names.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 import pyro
 
 pyro.settings.set(module_local_params=True)
 
-from .data import EFAData, Vocabulary  # noqa: E402
+from .data import EFAData, PrecisionWarning, Vocabulary  # noqa: E402
 from .families import FAMILIES, Family, get_family, register_family  # noqa: E402
-from .infer import EFAFit, evaluate, fit, load, log_likelihood, posterior_predictive, predict, save  # noqa: E402
+from .infer import (  # noqa: E402
+    EFAFit,
+    evaluate,
+    fit,
+    load,
+    load_checkpoint,
+    log_likelihood,
+    posterior_predictive,
+    predict,
+    save,
+)
 from .model import EFA  # noqa: E402
+from .streaming import StreamingUnits  # noqa: E402
 
-__version__ = "0.1.0.dev0"
+try:  # one version source: the package metadata (pyproject.toml)
+    __version__ = _version("pyro-efa")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "EFA",
@@ -26,12 +43,15 @@ __all__ = [
     "EFAFit",
     "FAMILIES",
     "Family",
+    "PrecisionWarning",
+    "StreamingUnits",
     "Vocabulary",
     "__version__",
     "evaluate",
     "fit",
     "get_family",
     "load",
+    "load_checkpoint",
     "log_likelihood",
     "posterior_predictive",
     "predict",
