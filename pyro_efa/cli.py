@@ -5,7 +5,14 @@
 - ``pyro-efa fit data.csv --unit U --key K [--value V] ... --out DIR``: read a long table (CSV, or
   Parquet for a ``.parquet`` suffix), split it by unit into train / validation / test (seeded),
   fit with early stopping on validation, and save the fit, ``split.json`` (which units went
-  where) and ``metrics.json`` (held-out test metrics) to ``DIR``.
+  where) and ``metrics.json`` (held-out test metrics) to ``DIR``. Options for larger fits:
+  ``--checkpoint-every K`` / ``--resume`` (atomic checkpoints in ``DIR/checkpoint``; a resumed
+  fit on the CPU is bit-identical to an uninterrupted one), ``--device cuda``, ``--dtype
+  float64``, and ``--stream`` (the training units are read from disk shard by shard, see
+  :mod:`pyro_efa.streaming`; the split is by a seeded hash of the unit label).
+- Data-parallel: ``torchrun --nproc_per_node N -m pyro_efa fit data.csv ... --batch-size B``
+  trains with a *global* batch of ``N x B`` units (each process takes ``B``; see
+  :mod:`pyro_efa.distributed`); only rank 0 prints and writes ``DIR``.
 - ``pyro-efa evaluate DIR data.csv``: reload the fit, rebuild the data with the fit's columns and
   vocabularies, and print the metrics of the test units (or of all units).
 - ``pyro-efa predict DIR data.csv [--out predictions.csv]``: per-observation predictions.
@@ -17,29 +24,35 @@ without a fit) print one line ``pyro-efa: error: ...`` to stderr and return exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import numbers
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import pandas as pd
 import pyro
+import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .data import EFAData
 from .datasets import synthetic_ratings
 from .families import FAMILIES
-from .infer import EFAFit, evaluate, fit, load, predict, save
+from .infer import CHECKPOINT_NAME, EFAFit, evaluate, fit, load, predict, save
 from .model import EFA
+from .streaming import StreamingUnits
 
 __all__ = ["main"]
 
 PROG = "pyro-efa"
 SPLIT_FORMAT = "pyro_efa.split/1"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class CLIError(ValueError):
@@ -71,13 +84,18 @@ def _warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-def _read_table(path: str) -> pd.DataFrame:
-    """A CSV (TSV for ``.tsv``) or Parquet file as a DataFrame."""
+def _data_file(path: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise CLIError(f"data file '{path}' not found")
     if p.is_dir():
         raise CLIError(f"data file '{path}' is a directory, expected a CSV or Parquet file")
+    return p
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    """A CSV (TSV for ``.tsv``) or Parquet file as a DataFrame."""
+    p = _data_file(path)
     suffixes = [s.lower() for s in p.suffixes]
     try:
         if suffixes and suffixes[-1] in (".parquet", ".pq"):
@@ -223,14 +241,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # fit
-def _check_out_dir(out: Path, force: bool) -> None:
+def _check_out_dir(out: Path, force: bool, checkpoint_dir: Path) -> None:
+    """``--out`` may be new, empty, hold a previous fit, or hold only the checkpoint directory of
+    an interrupted fit (what ``--resume`` continues); anything else needs ``--force``."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file() and not force:
-        raise CLIError(
-            f"--out '{out}' is not empty and holds no previous fit (no config.json); "
-            "choose a new directory, or pass --force to write into it"
-        )
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise CLIError(f"--checkpoint-dir '{checkpoint_dir}' exists and is not a directory")
+    if not out.is_dir() or force or (out / "config.json").is_file():
+        return
+    entries = list(out.iterdir())
+    if all(e.is_dir() and e.resolve() == checkpoint_dir.resolve() for e in entries):
+        return  # empty, or only the checkpoint of an interrupted fit
+    raise CLIError(
+        f"--out '{out}' is not empty and holds no previous fit (no config.json) or checkpoint; "
+        "choose a new directory, or pass --force to write into it"
+    )
+
+
+def _parse_device(text: str | None) -> str | None:
+    """``--device``: None (the default), ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine."""
+    if text is None:
+        return None
+    name = text.strip().lower()
+    if name == "cpu":
+        return name
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise CLIError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+        raise CLIError(f"--device {text}: CUDA is not available ({why}); use --device cpu")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise CLIError(f"--device {text}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return name
 
 
 def _parse_family_map(text: str) -> list[tuple[str, str]]:
@@ -296,9 +341,8 @@ def _resolve_family(args: argparse.Namespace, data: EFAData) -> str | dict[Any, 
     return mapping
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    _check_out_dir(out, args.force)
+def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Every check of the options that needs no data (the same answer in every process)."""
     if args.family is not None:
         _family_name(args.family, "--family")
     if args.family_map is not None:
@@ -309,78 +353,195 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not args.lr > 0:
         raise CLIError(f"--lr must be positive, got {args.lr}")
+    if args.checkpoint_every < 0:
+        raise CLIError(f"--checkpoint-every must be non-negative, got {args.checkpoint_every}")
+    for flag in ("shard_rows", "chunk_rows"):
+        value = getattr(args, flag)
+        if value is not None and not args.stream:
+            raise CLIError(f"--{flag.replace('_', '-')} needs --stream")
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    return family_options, _parse_device(args.device)
 
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    family_options, device = _check_fit_args(args)
+    old_dtype = torch.get_default_dtype()
+    # a no-op in a plain run; under torchrun: join the process group (gloo for --device cpu)
+    distributed.init_from_env(backend="gloo" if device == "cpu" else None)
+    try:
+        torch.set_default_dtype(DTYPES[args.dtype])  # before the table is read
+        return _fit(args, family_options, device)
+    finally:
+        torch.set_default_dtype(old_dtype)
+        distributed.cleanup()
+
+
+def _split_in_memory(args: argparse.Namespace) -> tuple[EFAData, EFAData, EFAData, str]:
     df = _read_table(args.data)
     data = EFAData.from_pandas(
         df, unit=args.unit, key=args.key, value=args.value, order=args.order, context=args.context,
         ties=args.ties,
     )  # fmt: skip
-    family = _resolve_family(args, data)
-    model_families = [family] if isinstance(family, str) else list((family or {}).values())
     train, val, test = data.split(args.split, seed=args.seed)
+    return train, val, test, f"data: {data!r} from '{args.data}'"
+
+
+def _split_streamed(args: argparse.Namespace) -> tuple[StreamingUnits, EFAData | None, EFAData | None, str]:
+    """The training part streamed from shards on disk; validation and test parts in memory
+    (None when empty)."""
+    _data_file(args.data)
+    sizes = {k: getattr(args, k) for k in ("chunk_rows", "shard_rows") if getattr(args, k) is not None}
+    train, val, test = StreamingUnits.from_file(
+        args.data, args.unit, args.key, args.value, args.order, args.context, fractions=args.split,
+        seed=args.seed, ties=args.ties, **sizes,
+    )  # fmt: skip
+    val_mem = val.to_memory() if len(val) else None
+    test_mem = test.to_memory() if len(test) else None
+    shard_rows = args.shard_rows or 2_000_000
+    text = f"data: streamed from '{args.data}' in shards of about {shard_rows} rows; train part {train!r}"
+    return train, val_mem, test_mem, text
+
+
+def _fit(args: argparse.Namespace, family_options: dict[str, dict[str, Any]], device: str | None) -> int:
+    main_rank, world = distributed.is_main(), distributed.world_size()
+
+    def say(text: str) -> None:
+        if main_rank:
+            print(text, flush=True)
+
+    def warn(text: str) -> None:
+        if main_rank:
+            _warn(text)
+
+    if world > 1 and device is not None and device.startswith("cuda"):
+        if ":" in device:
+            raise CLIError(
+                f"--device {device} under torchrun: each process uses GPU LOCAL_RANK; pass --device cuda"
+            )
+        device = f"cuda:{distributed.local_rank()}"
+    out = Path(args.out)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir is not None else out / "checkpoint"
+    _check_out_dir(out, args.force, checkpoint_dir)
+
+    train: EFAData | StreamingUnits
+    val: EFAData | None
+    test: EFAData | None
+    if args.stream:
+        train, val, test, described = _split_streamed(args)
+    else:
+        train, val, test, described = _split_in_memory(args)
+    family = _resolve_family(args, train)  # the parts share the vocabularies of the whole table
+    model_families = [family] if isinstance(family, str) else list((family or {}).values())
     names = ("train", "validation", "test")
     for part, name in ((train, "train"), (test, "test")):
-        if len(part) == 0 or part.num_observations == 0:
+        if part is None or len(part) == 0 or part.num_observations == 0:
             raise CLIError(
-                f"the {name} split is empty ({len(data)} units, --split {' '.join(map(str, args.split))}); "
+                f"the {name} split is empty (--split {' '.join(map(str, args.split))}); "
                 "use more units or larger fractions"
             )
-    use_val = len(val) > 0 and val.num_observations > 0
+    assert test is not None
+    use_val = val is not None and len(val) > 0 and val.num_observations > 0
+    counts = [len(part) if part is not None else 0 for part in (train, val, test)]
     if not use_val:
-        _warn("no validation units: no early stopping, all --epochs run and the last state is kept")
+        warn("no validation units: no early stopping, all --epochs run and the last state is kept")
 
-    kwargs: dict[str, Any] = {"direction": args.direction, "dim": args.dim, "max_len": max(data.max_len, 1)}
+    # room for every unit of the table, held-out ones included
+    max_len = max(max(part.max_len for part in (train, val, test) if part is not None), 1)
+    kwargs: dict[str, Any] = {"direction": args.direction, "dim": args.dim}
+    if isinstance(train, StreamingUnits):
+        kwargs.update(train.model_kwargs())  # value moments over every shard
+    kwargs["max_len"] = max_len
+    if args.no_standardize:
+        kwargs["standardize"] = False
     if family_options:
-        used = set(model_families) if data.kind == "valued" else {"categorical"}
+        used = set(model_families) if train.kind == "valued" else {"categorical"}
         unused = sorted(set(family_options) - used)
         if unused:
-            _warn(f"--family-option for {', '.join(unused)}, which no key uses: ignored")
+            warn(f"--family-option for {', '.join(unused)}, which no key uses: ignored")
         kwargs["family_options"] = family_options
-    pyro.set_rng_seed(args.seed)  # the network's initial weights
+    sample = train.sample() if isinstance(train, StreamingUnits) else train
+    pyro.set_rng_seed(args.seed)  # the network's initial weights (the same in every process)
     try:
         if args.efe:
-            model = EFA.efe(train, family=family, **kwargs)
+            model = EFA.efe(sample, family=family, **kwargs)
         else:
             model = EFA.from_data(
-                train, family=family, num_layers=args.layers, num_heads=args.heads, **kwargs
+                sample, family=family, num_layers=args.layers, num_heads=args.heads, **kwargs
             )
     except TypeError as e:  # an option the family does not take
         if not family_options:
             raise
         raise CLIError(f"--family-option: {_one_line(e)}") from e
-    print(f"data: {data!r} from '{args.data}'", flush=True)
-    print(
-        f"split by unit (seed {args.seed}): {len(train)} train, {len(val)} validation, "
-        f"{len(test)} test units",
-        flush=True,
+    say(described)
+    how = "unit hash" if args.stream else "unit"
+    say(
+        f"split by {how} (seed {args.seed}): {counts[0]} train, {counts[1]} validation, "
+        f"{counts[2]} test units"
     )
+    if world > 1:
+        say(
+            f"data parallel: {world} processes x --batch-size {args.batch_size} = global batch "
+            f"{world * args.batch_size} units ({distributed.describe()})"
+        )
+    checkpoint_file = checkpoint_dir / CHECKPOINT_NAME
+    use_checkpoints = bool(args.checkpoint_every) or args.resume
+    if args.resume:
+        if checkpoint_file.is_file():
+            say(f"resuming from '{checkpoint_file}'")
+        else:
+            warn(f"--resume: no checkpoint at '{checkpoint_file}'; starting a new fit")
+    elif args.checkpoint_every and checkpoint_file.is_file():
+        warn(
+            f"'{checkpoint_file}' holds the checkpoint of an earlier fit; starting a new fit that "
+            "overwrites it (pass --resume to continue that fit instead)"
+        )
     try:
         fitted = fit(
             model, train, guide=args.guide, val_data=val if use_val else None, num_epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
-            progress=not args.no_progress,
+            progress=not args.no_progress and main_rank,
+            checkpoint_dir=checkpoint_dir if use_checkpoints else None,
+            checkpoint_every=args.checkpoint_every, resume=args.resume, device=device,
         )  # fmt: skip
     except (ValueError, FloatingPointError) as e:
         if "nan" not in str(e).lower() and not isinstance(e, FloatingPointError):
             raise
         raise CLIError(f"training diverged (lower --lr, now {args.lr}): {_one_line(e)}") from e
+    if not main_rank:
+        return 0
     metrics = evaluate(fitted, test)
 
     replacing = (out / "config.json").is_file()
     save(fitted, out)
-    unit_col = data.columns["unit"]
-    split = {
+    unit_col = train.columns["unit"]
+    split: dict[str, Any] = {
         "format": SPLIT_FORMAT,
         "data": str(args.data),
         "unit_column": unit_col,
         "seed": args.seed,
         "fractions": list(args.split),
         "ties": args.ties,
-        **{
-            name: [_json_label(x) for x in part.unit_labels]
-            for name, part in zip(names, (train, val, test), strict=True)
-        },
     }
+    held_out = {
+        name: [] if part is None else [_json_label(x) for x in part.unit_labels]
+        for name, part in (("validation", val), ("test", test))
+    }
+    if isinstance(train, StreamingUnits):
+        # the training units are not listed (there may be millions): the hash rule says which
+        bounds = (np.cumsum(args.split) / sum(args.split)).tolist()
+        split["assignment"] = {
+            "method": "hash",
+            "rule": "a unit goes to part p (0 train, 1 validation, 2 test) when bounds[p-1] <= "
+            "h < bounds[p] (bounds[-1] = 0), h = pyro_efa.streaming._unit_hash(label, seed) in "
+            "[0, 1), computed on the unit column as read from the file",
+            "bounds": bounds,
+        }
+        split["train"] = {"units": len(train), "listed": False}
+        split.update(held_out)
+    else:
+        split["train"] = [_json_label(x) for x in train.unit_labels]
+        split.update(held_out)
     _write_json(out / "split.json", split)
     model_name = "EFE" if args.efe else "EFA"
     summary = {
@@ -392,13 +553,20 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         "best_epoch": fitted.best_epoch,
         "seconds": fitted.seconds,
         "best_validation_nll": min(fitted.val_nll) if fitted.val_nll else None,
-        "units": {name: len(part) for name, part in zip(names, (train, val, test), strict=True)},
+        "units": dict(zip(names, counts, strict=True)),
+        "dtype": args.dtype,
+        "device": device or "cpu",
+        "processes": world,
+        "batch_size": args.batch_size,
+        "global_batch_size": args.batch_size * world,
+        "stream": bool(args.stream),
     }
     _write_json(out / "metrics.json", summary)
 
+    parallel = f", {world} processes (global batch {args.batch_size * world})" if world > 1 else ""
     print(
         f"fit: {model_name} {args.direction}, guide {args.guide}, {len(fitted.losses)} epochs "
-        f"(best {fitted.best_epoch}), {fitted.seconds:.1f} s"
+        f"(best {fitted.best_epoch}), {fitted.seconds:.1f} s{parallel}"
     )
     print(f"{'replaced the fit in' if replacing else 'saved to'} '{out}' (with split.json, metrics.json)")
     print(f"test metrics ({len(test)} units, {metrics['num_observations']} observations):")
@@ -408,6 +576,32 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # evaluate / predict
+def _saved_dtype(fit_dir: str) -> torch.dtype | None:
+    """The floating dtype of a saved fit's parameters (None when unreadable: :func:`load` then
+    reports why)."""
+    try:
+        state = torch.load(Path(fit_dir) / "params.pt", weights_only=True, map_location="cpu", mmap=True)
+        for tensor in state["model"].values():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                return tensor.dtype
+    except Exception:  # noqa: BLE001 - any damage is reported by load()
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def _dtype_of_fit(fit_dir: str) -> Iterator[None]:
+    """Rebuild the data and the model in the dtype the fit was trained in (``--dtype``)."""
+    dtype = _saved_dtype(fit_dir)
+    old = torch.get_default_dtype()
+    if dtype in DTYPES.values():
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def _load_fit_and_data(fit_dir: str, data_path: str, units: str) -> tuple[EFAFit, EFAData]:
     fitted = load(fit_dir)
     split_path = Path(fit_dir) / "split.json"
@@ -453,8 +647,9 @@ def _load_fit_and_data(fit_dir: str, data_path: str, units: str) -> tuple[EFAFit
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.num_samples < 0:
         raise CLIError(f"--num-samples must be non-negative, got {args.num_samples}")
-    fitted, data = _load_fit_and_data(args.fit_dir, args.data, args.units)
-    metrics = evaluate(fitted, data, num_samples=args.num_samples)
+    with _dtype_of_fit(args.fit_dir):
+        fitted, data = _load_fit_and_data(args.fit_dir, args.data, args.units)
+        metrics = evaluate(fitted, data, num_samples=args.num_samples)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -474,8 +669,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise CLIError(f"--out '{out}': directory '{out.parent}' does not exist")
     if args.head < 0:
         raise CLIError(f"--head must be non-negative, got {args.head}")
-    fitted, data = _load_fit_and_data(args.fit_dir, args.data, args.units)
-    table = predict(fitted, data)
+    with _dtype_of_fit(args.fit_dir):
+        fitted, data = _load_fit_and_data(args.fit_dir, args.data, args.units)
+        table = predict(fitted, data)
     if args.out is None:
         print(table.head(args.head).to_string(index=False))
         if len(table) > args.head:
@@ -518,7 +714,8 @@ def _build_parser() -> _Parser:
         description="Fit EFA to a long table, one row per observation. The table is split by unit "
         "into train / validation / test (seeded); training stops early on the validation NLL. "
         "The fit, split.json (the units of each split) and metrics.json (test metrics) are "
-        "written to --out.",
+        "written to --out. Data-parallel: 'torchrun --nproc_per_node N -m pyro_efa fit ... "
+        "--batch-size B' trains with a global batch of N x B units; rank 0 writes --out.",
     )
     f.add_argument("data", help="CSV file (Parquet for a .parquet suffix)")
     f.add_argument("--unit", required=True, help="column identifying the unit (user, basket, day)")
@@ -557,7 +754,13 @@ def _build_parser() -> _Parser:
     f.add_argument("--layers", type=int, default=2, help="attention layers (default 2)")
     f.add_argument("--heads", type=int, default=2, help="heads per layer (default 2)")
     f.add_argument("--epochs", type=int, default=100, help="most epochs (default 100)")
-    f.add_argument("--batch-size", type=int, default=64, help="units per step (default 64)")
+    f.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="units per step and process (default 64); 'torchrun --nproc_per_node N -m pyro_efa fit "
+        "...' trains with a global batch of N x B units",
+    )
     f.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     f.add_argument("--patience", type=int, default=5, help="early stopping patience (default 5)")
     f.add_argument("--seed", type=int, default=0, help="seed of the split and the fit (default 0)")
@@ -571,6 +774,45 @@ def _build_parser() -> _Parser:
     )
     f.add_argument("--ties", choices=("error", "keep"), default="error", help="equal --order values")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="Gaussian keys predict on the raw value scale (default: on each key's standardised scale)",
+    )
+    f.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="floating-point type of the data and the model (default float32)",
+    )
+    f.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="cpu, cuda or cuda:N (default: cpu; under torchrun with CUDA: GPU LOCAL_RANK)",
+    )
+    g = f.add_argument_group("checkpoints")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="write a checkpoint every K optimizer steps (default 0: none)",
+    )
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default OUT/checkpoint)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint (same data and options); without one, start a new fit",
+    )
+    st = f.add_argument_group("streaming (data larger than memory)")
+    st.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the training units from disk shard by shard; the split is by a seeded hash of "
+        "the unit label (about, not exactly, --split), validation and test units are held in memory",
+    )
+    st.add_argument("--shard-rows", type=int, metavar="N", help="rows per shard (default 2000000)")
+    st.add_argument("--chunk-rows", type=int, metavar="N", help="rows read at a time (default 1000000)")
     f.set_defaults(handler=_cmd_fit)
 
     units_help = "test: the fit's test units (from split.json, default); all: every unit of the file"
