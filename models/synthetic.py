@@ -17,9 +17,14 @@ test MSE is 1.0 in both directions (the noise variance).
 into training contexts (examples split per example); here every model has an intercept and the
 split is by user.
 
-**Recommended configuration.** ``EFA.from_data(train, direction=d)`` (d = 32, 2 layers x 2 heads,
-position embedding, MLP value embedding) and ``EFA.efe(train, direction=d)``, MAP, Adam lr 3e-3,
-batch 64 users, patience 5. Measured: about 1.026 test MSE in about 10 s per fit on a CPU.
+**Recommended configuration** (chosen on the validation users, ``EFA_OPTIONS``, ``FIT_OPTIONS``).
+``EFA.from_data(train, direction=d, layer_norm=True, ff_dim=64)``: the paper's d = 32, 2 layers x
+2 heads, position embedding, MLP value embedding, plus LayerNorm and a feed-forward block (64) in
+each layer; bidirectional with the paper's shared context stream (per-target encoding;
+``context_stream="fixed"`` is the one-pass alternative). ``EFA.efe(train, direction=d)`` for the
+baseline. MAP, Adam lr 3e-3, batch 64 users, patience 10. Validation MSE of one seed (uni / bi):
+without LayerNorm and feed-forward 1.019 / 1.026, with them 1.015 / 1.014 (fixed context 1.015);
+3 layers 1.013 (uni, about 4x slower). The oracle MSE (true means) of the test users is 1.009.
 
 Run ``python models/synthetic.py`` (``--smoke`` for a seconds-long check of the pipeline).
 """
@@ -42,7 +47,8 @@ NUM_USERS = 10_000
 NUM_TRAIN_USERS = 7_500  # users 1-7,500 train (and validation), 7,501-10,000 test
 METRIC = "mse"
 PAPER = {("EFA", "uni"): 1.0326, ("EFA", "bi"): 1.0376, ("EFE", "uni"): 4.5188, ("EFE", "bi"): 2.6360}
-FIT_OPTIONS = {"lr": 3e-3, "batch_size": 64, "patience": 5}
+EFA_OPTIONS = {"uni": {"layer_norm": True, "ff_dim": 64}, "bi": {"layer_norm": True, "ff_dim": 64}}
+FIT_OPTIONS = {"lr": 3e-3, "batch_size": 64, "patience": 10}
 SMOKE_SIZES = (48, 16, 16)  # train, validation, test units under --smoke
 SMOKE_MODEL = {"dim": 8, "num_layers": 1, "num_heads": 1, "head_dim": 8}
 
@@ -63,13 +69,20 @@ def load(num_users: int = NUM_USERS, seed: int = 42) -> tuple[EFAData, EFAData, 
 
 
 def efa_model(train: EFAData, direction: str, **overrides) -> EFA:
-    """The recommended EFA: the library's defaults (the paper's architecture)."""
-    return EFA.from_data(train, direction=direction, **overrides)
+    """The recommended EFA: the paper's architecture with LayerNorm and feed-forward blocks
+    (``EFA_OPTIONS``); ``overrides`` replace any option."""
+    return EFA.from_data(train, direction=direction, **{**EFA_OPTIONS[direction], **overrides})
 
 
 def efe_model(train: EFAData, direction: str, **overrides) -> EFA:
     """The EFE baseline (Rudolph et al., 2016) as a configuration of EFA, with an intercept."""
     return EFA.efe(train, direction=direction, **overrides)
+
+
+def fit_options(model: str = "efa", direction: str = "uni", **context) -> dict:
+    """The recommended :func:`pyro_efa.fit` options of one model (``"efa"`` or ``"efe"``) and
+    direction (chosen on the validation units)."""
+    return dict(FIT_OPTIONS)
 
 
 def _head(data: EFAData, n: int) -> EFAData:
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = build(train, direction, **overrides)
                 fitted = fit(
                     model, train, guide=args.guide, val_data=val, num_epochs=max_epochs, seed=seed,
-                    progress=not args.smoke, **FIT_OPTIONS,
+                    progress=not args.smoke, **fit_options(name.lower(), direction),
                 )  # fmt: skip
                 scores.append(evaluate(fitted, test)[METRIC])
             print(_summary(name, direction, scores, PAPER[name, direction]), flush=True)
