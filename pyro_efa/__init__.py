@@ -18,18 +18,10 @@ pyro.settings.set(module_local_params=True)
 
 from .data import EFAData, PrecisionWarning, Vocabulary  # noqa: E402
 from .families import FAMILIES, Family, get_family, register_family  # noqa: E402
-from .infer import (  # noqa: E402
-    EFAFit,
-    evaluate,
-    fit,
-    load,
-    load_checkpoint,
-    log_likelihood,
-    posterior_predictive,
-    predict,
-    save,
-)
+from .infer import EFAFit, fit, load_checkpoint  # noqa: E402
 from .model import EFA  # noqa: E402
+from .predictive import evaluate, log_likelihood, posterior_predictive, predict  # noqa: E402
+from .serialization import load, save  # noqa: E402
 from .streaming import StreamingUnits  # noqa: E402
 
 try:  # one version source: the package metadata (pyproject.toml)

@@ -44,8 +44,10 @@ from . import __version__, distributed
 from .data import EFAData
 from .datasets import synthetic_ratings
 from .families import FAMILIES
-from .infer import CHECKPOINT_NAME, EFAFit, evaluate, fit, load, predict, save
+from .infer import CHECKPOINT_NAME, EFAFit, fit
 from .model import EFA
+from .predictive import evaluate, predict
+from .serialization import load, save
 from .streaming import StreamingUnits
 
 __all__ = ["main"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import matplotlib.ticker
@@ -50,6 +50,7 @@ from pyro.poutine.util import site_is_subsample
 from .data import EFAData
 from .infer import EFAFit
 from .model import EFA
+from .predictive import _index_batches, _unmask
 
 with warnings.catch_warnings():
     # arviz 0.x announces its 1.x refactor with a FutureWarning once a day on import
@@ -104,19 +105,9 @@ def _guide_draws(fitted: EFAFit, data: EFAData, num_samples: int) -> tuple[list[
     return draws, unit_dims
 
 
-def _index_batches(data: EFAData, batch_size: int) -> Iterator[tuple[torch.Tensor, EFAData]]:
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        yield idx, data.subset(idx)
-
-
 def _batch_draw(draw: Draw, unit_dims: Mapping[str, int], idx: torch.Tensor) -> Draw:
     # per-unit latent values were drawn for all units of the data: keep those of the batch
     return {k: v.index_select(unit_dims[k], idx) if k in unit_dims else v for k, v in draw.items()}
-
-
-def _unmask(fn: Any) -> Any:
-    return fn.base_dist if isinstance(fn, MaskedDistribution) else fn
 
 
 def _simulate(

@@ -29,7 +29,8 @@ from pyro_efa.diagnostics import (
     plot_ppc,
     to_inference_data,
 )
-from pyro_efa.infer import EFAFit, _draw_loglik, make_guide
+from pyro_efa.infer import EFAFit, make_guide
+from pyro_efa.predictive import _draw_loglik
 
 matplotlib.use("Agg")
 

@@ -103,7 +103,7 @@ def test_mc_predictive_density(counts: EFAData) -> None:
     assert torch.equal(a, b)
     assert torch.isfinite(a).all()
     # log-mean-exp over draws is at least the mean log-likelihood (Jensen)
-    draws = pyro_efa.infer._draw_loglik(f, counts, 8, 256, 0)
+    draws = pyro_efa.predictive._draw_loglik(f, counts, 8, 256, 0)
     assert torch.all(a >= draws.mean(0) - 1e-5)
 
 

@@ -369,7 +369,7 @@ def test_float32_and_float64_fits_agree() -> None:
     import copy
 
     from pyro_efa import evaluate
-    from pyro_efa.infer import _plugin_predictions
+    from pyro_efa.predictive import _plugin_predictions
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
