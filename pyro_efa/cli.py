@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import __version__, distributed
 from .data import EFAData

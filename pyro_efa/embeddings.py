@@ -109,6 +109,12 @@ def stability(emb_a: ArrayLike, emb_b: ArrayLike, method: str = "lstsq", *, scal
 
     :returns: a float in ``[-1, 1]``.
     """
+    rows, dims = _as_numpy(emb_a, "emb_a").shape
+    if method == "lstsq" and rows <= dims:
+        raise ValueError(
+            f"least-squares alignment of {rows} rows in {dims} latent dims fits any target exactly: "
+            "the score would be 1 for noise; use method='procrustes' or more rows than dims"
+        )
     aligned, _ = align_embeddings(emb_a, emb_b, method=method, scale=scale)
     x = _as_numpy(aligned, "aligned").ravel()
     y = _as_numpy(emb_b, "emb_b").ravel()

@@ -40,12 +40,20 @@ from pyro.infer.autoguide import (
     init_to_median,
 )
 from pyro.poutine.messenger import Messenger
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import distributed
 from .data import EFAData
 from .model import EFA
-from .predictive import _index_batches, _observed_sites, _plugin_loglik, _site_mask, _trace_batch, _unmask
+from .predictive import (
+    _index_batches,
+    _observed_sites,
+    _plugin_loglik,
+    _plugin_params,
+    _site_mask,
+    _trace_batch,
+    _unmask,
+)
 
 __all__ = ["EFAFit", "find_efa", "fit", "load_checkpoint", "make_guide"]
 
@@ -327,12 +335,10 @@ def _loglik_total(fitted: EFAFit, data: EFAData, batch_size: int, device: torch.
     """Sum of the plug-in log-likelihood of every target of ``data`` (float64 accumulation)."""
     efa = fitted.efa
     total = torch.zeros((), dtype=torch.float64, device=device)
-    params = None
+    params = _plugin_params(fitted)
     for _, batch in _index_batches(data, batch_size):
         batch = batch.to(device)
-        if params is None:
-            params = fitted.median(batch)
-        tr = _trace_batch(fitted.model, batch, params)
+        tr = _trace_batch(fitted.model, batch, params(batch))
         for _, site in _observed_sites(efa, tr):
             lp = _unmask(site["fn"]).log_prob(site["value"])
             total += torch.where(_site_mask(site), lp, torch.zeros_like(lp)).sum(dtype=torch.float64)

@@ -9,7 +9,7 @@ predictive density).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -51,14 +51,44 @@ def _trace_batch(model: torch.nn.Module, batch: EFAData, values: dict[str, torch
     return poutine.trace(conditioned).get_trace(batch)
 
 
+def _plugin_params(fitted: EFAFit) -> Callable[[EFAData], dict[str, torch.Tensor]]:
+    """``params(batch)``: the posterior median of every latent site, with per-unit sites of a
+    larger model (inside the unit plate) cut to the batch's units."""
+    cache: dict[str, Any] = {}
+
+    def params(batch: EFAData) -> dict[str, torch.Tensor]:
+        if not cache:
+            cache["median"] = fitted.median(batch)
+            cache["unit_dims"] = _unit_dims(fitted)
+        dims = cache["unit_dims"]
+        return {
+            k: v.index_select(dims[k], batch.unit_index.to(v.device)) if k in dims else v
+            for k, v in cache["median"].items()
+        }
+
+    return params
+
+
+def _unit_dims(fitted: EFAFit) -> dict[str, int]:
+    # the dim that indexes units, for latent sites inside the unit plate
+    trace = getattr(fitted.guide, "prototype_trace", None)
+    units = fitted.efa.site_name("units")
+    dims = {}
+    for name, site in trace.nodes.items() if trace is not None else ():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.name == units:
+                dims[name] = frame.dim - site["fn"].event_dim
+    return dims
+
+
 def _plugin_loglik(fitted: EFAFit, data: EFAData, batch_size: int) -> torch.Tensor:
     efa = fitted.efa
     out = torch.zeros(data.values.shape, dtype=data.values.dtype)
-    params = None
+    params = _plugin_params(fitted)
     for idx, batch in _index_batches(data, batch_size):
-        if params is None:
-            params = fitted.median(batch)
-        tr = _trace_batch(fitted.model, batch, params)
+        tr = _trace_batch(fitted.model, batch, params(batch))
         for _, site in _observed_sites(efa, tr):
             lp = _unmask(site["fn"]).log_prob(site["value"])
             out[idx, : lp.size(-1)] += torch.where(_site_mask(site), lp, torch.zeros_like(lp))
@@ -128,11 +158,9 @@ def _plugin_predictions(fitted: EFAFit, data: EFAData, batch_size: int) -> dict[
     mean = torch.full(data.values.shape, math.nan, dtype=data.values.dtype)
     prob = torch.full(data.values.shape, math.nan, dtype=data.values.dtype)
     base = torch.zeros(data.values.shape, dtype=data.values.dtype)
-    params = None
+    params = _plugin_params(fitted)
     for idx, batch in _index_batches(data, batch_size):
-        if params is None:
-            params = fitted.median(batch)
-        tr = _trace_batch(fitted.model, batch, params)
+        tr = _trace_batch(fitted.model, batch, params(batch))
         for f, site in _observed_sites(efa, tr):
             family, fn, m = efa.families[f], _unmask(site["fn"]), _site_mask(site)
             width = m.size(-1)

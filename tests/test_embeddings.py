@@ -111,3 +111,9 @@ def test_bad_shapes() -> None:
         align_embeddings(np.ones(5), np.ones(5))
     with pytest.raises(ValueError, match="NaN"):
         align_embeddings(np.full((3, 2), np.nan), np.ones((3, 2)))
+
+
+def test_stability_refuses_lstsq_with_too_few_rows() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="procrustes"):
+        stability(rng.normal(size=(5, 8)), rng.normal(size=(5, 8)))

@@ -249,3 +249,23 @@ def test_ancestral_first_draw_follows_the_intercept() -> None:
     for i, label in enumerate(data.items.labels):
         se = np.sqrt(p[i] * (1 - p[i]) / 4000)
         assert abs(first.get(label, 0.0) - p[i]) < 4 * se, label
+
+
+def test_plugin_evaluation_of_per_unit_latents_across_batches() -> None:
+    """A larger model's per-unit latent sites are cut to each evaluation batch's units."""
+    rng = np.random.default_rng(1)
+    num_users, n = 30, 4
+    df = pd.DataFrame(
+        {
+            "user": np.repeat(np.arange(num_users), n),
+            "key": np.tile(np.arange(n), num_users),
+            "x": np.repeat(rng.normal(0, 2, size=num_users), n) + rng.normal(0, 0.5, size=num_users * n),
+        }
+    )
+    data = EFAData.from_pandas(df, unit="user", key="key", value="x", order="key")
+    model = RandomIntercept(EFA.from_data(data, name="efa", **SMALL))
+    f = fit(model, data, guide="normal", num_epochs=2, batch_size=8, progress=False, eval_batch_size=8)
+    small = log_likelihood(f, data, batch_size=7)
+    whole = log_likelihood(f, data, batch_size=num_users)
+    torch.testing.assert_close(small, whole)
+    assert evaluate(f, data, batch_size=7) == pytest.approx(evaluate(f, data, batch_size=64))
