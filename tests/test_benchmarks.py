@@ -14,6 +14,7 @@ BENCHMARKS = ROOT / "benchmarks"
 # script -> extra smoke arguments
 SMOKE = {
     "speed.py": [],
+    "reproduce.py": [],
     "big_tables.py": [],
 }
 

@@ -1,0 +1,571 @@
+"""Reproduce the EFA paper's experiments: EFA against the EFE baseline, several seeds, one table.
+
+Runs every experiment of SPEC section 2 with the recommended configurations of ``models/*.py``
+(their ``efa_model``, ``efe_model`` and fit options), uni- and bidirectional, EFA and EFE, over
+several seeds, and writes
+
+- ``benchmarks/results/reproduce.json``: a list of rows ``{"experiment", "direction", "model",
+  "guide", "metric", "mean", "sd", "seeds", "paper", ...}`` (extra keys: ``architecture``,
+  ``values`` per seed, ``target``, ``meets_target``, ``val_mean``, ``seconds``);
+- ``benchmarks/results/reproduce.md``: the same as a table, beside the paper's numbers, with the
+  gap, the targets and the wall time.
+
+Besides the test metrics it compares MAP with an AutoNormal guide on MovieLens ratings (held-out
+NLL, posterior predictive density from guide draws) and reports the coverage of the 90%
+posterior-predictive interval of held-out ratings.
+
+Every configuration was chosen on the validation units (see ``models/*.py``); the test units are
+only evaluated. Fits run in ``--workers`` processes (one torch thread each); results are written
+after every finished fit, so an interrupted run keeps what it has.
+
+``--smoke`` runs every experiment on tiny data and models for one epoch (seconds) and writes to a
+temporary folder unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA_DIR = Path(os.environ.get("PYRO_EFA_DATA", ROOT.parent / "shared" / "data"))
+
+# experiment -> (models/ module, loader arguments, metric, directions)
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "synthetic": {"module": "synthetic", "metric": "mse", "directions": ("uni", "bi")},
+    "instacart": {"module": "instacart", "metric": "nll", "directions": ("uni", "bi")},
+    "movielens_items": {"module": "movielens", "task": "items", "metric": "nll", "directions": ("uni", "bi")},
+    "movielens_ratings": {
+        "module": "movielens", "task": "ratings", "metric": "nll_no_base", "directions": ("uni", "bi"),
+    },
+    "temperature": {"module": "temperature", "lags": 0, "metric": "mse", "directions": ("bi",)},
+    "temperature_lag1": {"module": "temperature", "lags": 1, "metric": "mse", "directions": ("bi",)},
+    "temperature_lag2": {"module": "temperature", "lags": 2, "metric": "mse", "directions": ("bi",)},
+}  # fmt: skip
+
+# the paper's numbers (SPEC section 2): (experiment, model, direction) -> test metric
+PAPER = {
+    ("synthetic", "efa", "uni"): 1.0326, ("synthetic", "efa", "bi"): 1.0376,
+    ("synthetic", "efe", "uni"): 4.5188, ("synthetic", "efe", "bi"): 2.6360,
+    ("instacart", "efa", "uni"): 3.7064, ("instacart", "efa", "bi"): 3.4200,
+    ("instacart", "efe", "uni"): 3.7155, ("instacart", "efe", "bi"): 3.4758,
+    ("movielens_items", "efa", "uni"): 3.4438, ("movielens_items", "efa", "bi"): 3.4828,
+    ("movielens_items", "efe", "uni"): 3.5336, ("movielens_items", "efe", "bi"): 3.5657,
+    ("movielens_ratings", "efa", "uni"): 0.9529, ("movielens_ratings", "efa", "bi"): 0.9446,
+    ("movielens_ratings", "efe", "uni"): 0.9723, ("movielens_ratings", "efe", "bi"): 0.9707,
+    ("temperature", "efa", "bi"): 11.22, ("temperature_lag1", "efa", "bi"): 9.25,
+    ("temperature_lag2", "efa", "bi"): 10.42,
+}  # fmt: skip
+
+# the issue's targets for the mean over seeds: (experiment, direction) -> (bound, strict)
+TARGETS = {
+    ("synthetic", "uni"): (1.02, False), ("synthetic", "bi"): (1.02, False),
+    ("instacart", "uni"): (3.7064, True), ("instacart", "bi"): (3.41, False),
+    ("movielens_items", "uni"): (3.40, False), ("movielens_items", "bi"): (3.35, False),
+    ("movielens_ratings", "uni"): (0.9529, True), ("movielens_ratings", "bi"): (0.9446, True),
+    ("temperature", "bi"): (11.22, True), ("temperature_lag1", "bi"): (9.25, True),
+}  # fmt: skip
+
+# variants of the bidirectional EFA rows: (EFA overrides, fit overrides, number of seeds or None
+# for all), the recommended configuration of models/*.py first. "shared" is the paper's
+# architecture (per-target encoding, n times the cost of one pass); "fixed" is exact in one pass
+# but a different architecture. Instacart runs only the fixed stream (the paper's per-target
+# encoding needs hours per fit here); the lag experiments run the paper's architecture with a
+# quarter of the targets per step, and for one seed only (about 10 minutes per fit).
+SHARED = {"context_stream": "shared"}
+FIXED = {"context_stream": "fixed"}
+BI_VARIANTS: dict[str, list[tuple[dict[str, Any], dict[str, Any], int | None]]] = {
+    "synthetic": [(SHARED, {}, None), (FIXED, {}, None)],
+    "instacart": [(FIXED, {}, None)],
+    "movielens_items": [(FIXED, {}, None), (SHARED, {}, None)],
+    "movielens_ratings": [(FIXED, {}, None), (SHARED, {}, None)],
+    "temperature": [(SHARED, {}, None), (FIXED, {}, None)],
+    "temperature_lag1": [
+        (FIXED, {}, None),
+        ({**SHARED, "target_fraction": 0.25, "num_layers": 4}, {"patience": 10}, 1),
+    ],
+    "temperature_lag2": [(FIXED, {}, None)],
+}
+
+SMOKE_SIZES = (24, 8, 8)  # train, validation, test units under --smoke
+SMOKE_MODEL = {"dim": 8, "num_layers": 1, "num_heads": 1, "head_dim": 8}
+
+
+# ----------------------------------------------------------------------------------------------
+# the models/ scripts and their data
+@functools.cache
+def module(name: str) -> ModuleType:
+    """``models/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"pyro_efa_models_{name}", MODELS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@functools.cache
+def load(experiment: str, data_dir: str, smoke: bool) -> tuple[Any, Any, Any]:
+    """Train, validation and test units of ``experiment`` (cached per process)."""
+    exp = EXPERIMENTS[experiment]
+    mod = module(exp["module"])
+    if exp["module"] == "synthetic":
+        splits = mod.load(num_users=800) if smoke else mod.load()
+    elif exp["module"] == "movielens":
+        splits = (mod.load_items if exp["task"] == "items" else mod.load_ratings)(data_dir)
+    elif exp["module"] == "temperature":
+        splits = mod.load(data_dir, lags=exp["lags"])
+    else:
+        splits = mod.load(data_dir)
+    if smoke:
+        splits = tuple(
+            d.subset(range(min(n, len(d))), reindex=True) for d, n in zip(splits, SMOKE_SIZES, strict=True)
+        )
+    return splits
+
+
+def build(experiment: str, model: str, direction: str, train: Any, max_len: int, **overrides: Any) -> Any:
+    """The recommended model of ``models/*.py`` for one row (``overrides``: EFA options)."""
+    exp = EXPERIMENTS[experiment]
+    mod = module(exp["module"])
+    if exp["module"] == "temperature":
+        if model == "efa":
+            return mod.efa_model(train, lags=exp["lags"], **overrides)
+        return mod.efe_model(train, **overrides)
+    task = {"task": exp["task"]} if "task" in exp else {}
+    if model == "efa":
+        kw = {} if exp["module"] == "synthetic" else {"max_len": max_len}
+        return mod.efa_model(train, direction, **task, **kw, **overrides)
+    return mod.efe_model(train, direction, **task, **overrides)
+
+
+def fit_options(experiment: str, model: str, direction: str) -> dict[str, Any]:
+    """The recommended options of :func:`pyro_efa.fit` for one row (``models/*.py``)."""
+    exp = EXPERIMENTS[experiment]
+    mod = module(exp["module"])
+    kw = {"lags": exp["lags"]} if exp["module"] == "temperature" else {}
+    if "task" in exp:
+        kw["task"] = exp["task"]
+    return dict(mod.fit_options(model, direction, **kw))
+
+
+def architecture(efa: Any) -> str:
+    """A short description of an EFA configuration for the results table."""
+    c = efa.config
+    if c["attention"] == "uniform":
+        return f"EFE d={c['dim']}"
+    if c["direction"] == "uni":
+        stream = "causal, one pass (= paper)"
+    elif c["context_stream"] == "fixed":
+        stream = "fixed context, one pass (not the paper's)"
+    else:
+        stream = "shared context, per target (paper's)"
+        if c["target_fraction"] < 1:
+            stream += f", {c['target_fraction']:g} of targets per step"
+    extra = []
+    if c["layer_norm"]:
+        extra.append("LN")
+    if c["ff_dim"]:
+        extra.append(f"FF{c['ff_dim']}")
+    if c["dropout"]:
+        extra.append(f"drop {c['dropout']:g}")
+    if c["prior_scale"] != 1.0:
+        extra.append(f"s={c['prior_scale']:g}")
+    head = f"{c['num_layers']}Lx{c['num_heads']}H d={c['dim']}"
+    return ", ".join([head, stream, *extra])
+
+
+# ----------------------------------------------------------------------------------------------
+# one fit
+def _coverage(fitted: Any, data: Any, level: float = 0.9, num_samples: int = 200, seed: int = 0) -> float:
+    """Share of held-out targets inside the central ``level`` posterior-predictive interval."""
+    import torch
+
+    from pyro_efa import posterior_predictive
+
+    draws = posterior_predictive(fitted, data, num_samples=num_samples, seed=seed)
+    lo = torch.quantile(draws, (1 - level) / 2, dim=0)
+    hi = torch.quantile(draws, (1 + level) / 2, dim=0)
+    m = data.target & data.mask
+    inside = (data.values >= lo) & (data.values <= hi)
+    return float(inside[m].float().mean())
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Fit one (experiment, model, direction, guide, seed) and evaluate it.
+
+    ``job`` keys: experiment, model, direction, seed, guide (``"map"``), smoke, data_dir,
+    overrides (EFA options), fit_overrides (fit options), extras (``"coverage"``, ``"nll_samples"``).
+    """
+    import pyro
+    import torch
+
+    from pyro_efa import evaluate, fit
+
+    torch.set_num_threads(1)
+    pyro.settings.set(module_local_params=True)
+    experiment, model, direction, seed = job["experiment"], job["model"], job["direction"], job["seed"]
+    guide = job.get("guide", "map")
+    smoke = job.get("smoke", False)
+    train, val, test = load(experiment, str(job.get("data_dir", DATA_DIR)), smoke)
+    max_len = max(d.max_len for d in (train, val, test))
+    overrides = dict(SMOKE_MODEL if smoke else {})
+    if smoke and EXPERIMENTS[experiment]["module"] == "temperature" and model == "efa":
+        overrides["ff_dim"] = 8
+    if smoke and model == "efe":
+        overrides = {"dim": overrides["dim"]}
+    overrides.update(job.get("overrides", {}))
+    options = fit_options(experiment, model, direction)
+    options.update(job.get("fit_overrides", {}))
+    if smoke:
+        options["num_epochs"] = 1
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)  # network initialisation
+    efa = build(experiment, model, direction, train, max_len, **overrides)
+    start = time.perf_counter()
+    fitted = fit(efa, train, guide=guide, val_data=val, seed=seed, progress=False, **options)
+    seconds = time.perf_counter() - start
+    metric = EXPERIMENTS[experiment]["metric"]
+    out = {
+        **{k: job[k] for k in ("experiment", "model", "direction", "seed")},
+        "guide": guide,
+        "metric": metric,
+        "architecture": architecture(fitted.efa),
+        "recommended": job.get("recommended", True),
+        "val": evaluate(fitted, val)[metric],
+        "test": evaluate(fitted, test)[metric],
+        "epochs": len(fitted.losses),
+        "best_epoch": fitted.best_epoch,
+        "seconds": seconds,
+        "options": {k: v for k, v in options.items() if k != "num_epochs"},
+    }
+    extras = job.get("extras", ())
+    if "nll_samples" in extras and guide != "map":  # posterior predictive density from guide draws
+        out["test_samples"] = evaluate(fitted, test, num_samples=100 if not smoke else 4)[metric]
+    if "coverage" in extras:
+        out["coverage90"] = _coverage(fitted, test, num_samples=200 if not smoke else 20, seed=seed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan, the table
+def plan(seeds: list[int], experiments: list[str], smoke: bool, data_dir: Path) -> list[dict[str, Any]]:
+    """Every fit to run, slowest first (so that two workers finish close together)."""
+    jobs = []
+    for experiment in experiments:
+        for direction in EXPERIMENTS[experiment]["directions"]:
+            for model in ("efa", "efe"):
+                bi_efa = (model, direction) == ("efa", "bi")
+                variants = BI_VARIANTS[experiment] if bi_efa else [(None, {}, None)]
+                for i, (overrides, fit_overrides, num_seeds) in enumerate(variants):
+                    for seed in seeds[:num_seeds]:
+                        job = {"experiment": experiment, "model": model, "direction": direction, "seed": seed}
+                        if overrides is not None:
+                            job.update(overrides=overrides, fit_overrides=fit_overrides, recommended=i == 0)
+                        jobs.append(job)
+    # MAP vs AutoNormal on MovieLens ratings, and the coverage of the 90% predictive interval
+    if "movielens_ratings" in experiments:
+        for job in jobs:
+            if (
+                job["experiment"] == "movielens_ratings"
+                and job["model"] == "efa"
+                and job.get("recommended", 1)
+            ):
+                job["extras"] = ("coverage",)
+        for direction in ("uni", "bi"):
+            for seed in seeds:
+                jobs.append({
+                    "experiment": "movielens_ratings", "model": "efa", "direction": direction, "seed": seed,
+                    "guide": "normal", "extras": ("coverage", "nll_samples"),
+                })  # fmt: skip
+    cost = {"temperature_lag1": 0, "instacart": 1, "temperature": 2, "temperature_lag2": 3, "synthetic": 4}
+    jobs.sort(key=lambda j: (cost.get(j["experiment"], 9), j["model"] != "efa", j.get("recommended", 1)))
+    for job in jobs:
+        job.update(smoke=smoke, data_dir=str(data_dir))
+    return jobs
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (experiment, direction, model, guide, metric), mean and sd over seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        key = (r["experiment"], r["direction"], r["model"], r["guide"], r["architecture"])
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (experiment, direction, model, guide, _), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        metrics = [("test", runs[0]["metric"])]
+        if "test_samples" in runs[0]:
+            metrics.append(("test_samples", runs[0]["metric"] + "_posterior_predictive"))
+        if "coverage90" in runs[0]:
+            metrics.append(("coverage90", "coverage90"))
+        for field, metric in metrics:
+            values = [r[field] for r in runs]
+            mean, sd = _mean_sd(values)
+            main = field == "test" and guide == "map"
+            paper = PAPER.get((experiment, model, direction)) if main else None
+            target = TARGETS.get((experiment, direction)) if main and model == "efa" else None
+            row = {
+                "experiment": experiment, "direction": direction, "model": model, "guide": guide,
+                "metric": metric, "mean": mean, "sd": sd, "seeds": [r["seed"] for r in runs],
+                "paper": paper, "architecture": runs[0]["architecture"],
+                "recommended": runs[0]["recommended"], "values": values,
+                "val_mean": statistics.fmean(r["val"] for r in runs) if field == "test" else None,
+                "seconds": sum(r["seconds"] for r in runs), "epochs": [r["epochs"] for r in runs],
+                "options": runs[0]["options"],
+            }  # fmt: skip
+            if target is not None:
+                bound, strict = target
+                row["target"] = bound
+                row["meets_target"] = mean < bound if strict else mean <= bound
+            rows.append(row)
+    order = list(EXPERIMENTS)
+    rows.sort(
+        key=lambda r: (
+            order.index(r["experiment"]),
+            r["direction"] != "uni",
+            r["model"],
+            r["guide"] != "map",
+            r["metric"],
+            r["architecture"],
+        )
+    )
+    # EFA beats EFE on every row (same experiment, direction, MAP)
+    for r in rows:
+        if (
+            r["model"] == "efa"
+            and r["guide"] == "map"
+            and r["metric"] == EXPERIMENTS[r["experiment"]]["metric"]
+        ):
+            base = [
+                b for b in rows
+                if (b["experiment"], b["direction"], b["model"], b["guide"], b["metric"])
+                == (r["experiment"], r["direction"], "efe", "map", r["metric"])
+            ]  # fmt: skip
+            if base:
+                r["beats_efe"] = r["mean"] < base[0]["mean"]
+    return rows
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def write_markdown(
+    path: Path, rows: list[dict[str, Any]], info: dict[str, Any], knn: dict[str, Any] | None
+) -> None:
+    lines = [
+        "# Reproducing the EFA paper: EFA vs the EFE baseline",
+        "",
+        "Written by `benchmarks/reproduce.py`"
+        + (" (**--smoke: tiny data, 1 epoch; numbers meaningless**)" if info["smoke"] else "")
+        + ". Test metric per observation, mean and sd over seeds; the paper's numbers are single",
+        "unseeded runs (SPEC section 2). Gap = mean - paper (negative: better than the paper).",
+        "Configurations were chosen on validation units only (`models/*.py`); the test units were only",
+        "evaluated.",
+        "",
+        f"- wall time: {info['wall_seconds'] / 60:.1f} min on {info['workers']} worker process(es), "
+        f"one torch thread each ({info['machine']}); started {info['started']}",
+        f"- seeds: {info['seeds']}; {info['note']}",
+        "",
+        "| experiment | dir | model | guide | metric | mean | sd | paper | gap | target | met | beats EFE "
+        "| architecture | fit time (s, all seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = r["mean"] - r["paper"] if r["paper"] is not None else None
+        target = r.get("target")
+        met = {True: "yes", False: "**no**"}.get(r.get("meets_target"), "")
+        if target is not None and not r["meets_target"]:
+            met += f" (+{r['mean'] - target:.4f})"
+        beats = {True: "yes", False: "**no**"}.get(r.get("beats_efe"), "")
+        lines.append(
+            f"| {r['experiment']} | {r['direction']} | {r['model'].upper()} | {r['guide']} | {r['metric']} "
+            f"| {_fmt(r['mean'])} | {_fmt(r['sd'])} | {_fmt(r['paper'])} | {_fmt(gap)} | {_fmt(target)} "
+            f"| {met} | {beats} | {r['architecture']} | {r['seconds']:.0f} |"
+        )
+    if knn is not None:
+        lines += [
+            "",
+            "Reference (temperature, same day): k-nearest-city baseline with a per-city intercept and "
+            f"slope, k = {knn['k']} chosen on validation: test MSE {knn['test_mse']:.2f} "
+            "(paper, without intercept: k = 5, 22.68).",
+        ]
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in info["notes"]]
+    missed = [r for r in rows if r.get("meets_target") is False]
+    if missed and not info["smoke"]:
+        lines += ["", "## Targets missed and what was tried", ""] + [f"- {n}" for n in MISSED]
+    lines += ["", "## Fit options per row", ""]
+    lines += [f"- {k}: {v}" for k, v in info.get("configs", {}).items()]
+    for r in rows:
+        if r["metric"] == EXPERIMENTS[r["experiment"]]["metric"]:
+            lines.append(
+                f"- {r['experiment']} {r['direction']} {r['model']} {r['guide']} ({r['architecture']}): "
+                f"{r['options']}, "
+                f"epochs {r['epochs']}, validation mean {_fmt(r['val_mean'])}"
+            )
+    path.write_text("\n".join(lines) + "\n")
+
+
+NOTES = [
+    "Bidirectional EFA rows state their architecture. 'fixed context, one pass' is NOT the paper's "
+    "architecture: the query stream of each target attends to input content tokens that are never updated "
+    "by self-attention, which makes all targets exact in one pass. The paper's architecture ('shared "
+    "context, per target') re-encodes the unit once per target; it is run where the budget allows and "
+    "reported as its own row (model 'efa', same keys, architecture column differs).",
+    "Unidirectional EFA is the paper's architecture, computed exactly in one pass (XLNet-style two streams).",
+    "EFE is the exponential family embedding model of Rudolph et al. (2016) as a configuration of EFA "
+    "(uniform attention, no positions), with an intercept (the paper's baselines had none).",
+    "MovieLens ratings: `nll_no_base` is the Poisson NLL of rating - 1 without log y!. The AutoNormal rows "
+    "give the plug-in NLL at the posterior median and `nll_no_base_posterior_predictive`, the density "
+    "averaged over 100 guide draws; `coverage90` is the share of held-out ratings inside the central 90% "
+    "posterior-predictive interval (200 draws; the ratings are counts 0-2, so an interval's coverage "
+    "can exceed 90%).",
+    "Splits are by unit (SPEC), not per example as in the paper's code, so the paper's numbers are "
+    "comparable, not identical; the paper's MovieLens split also lost about 45 users.",
+    "coverage90 is 1.00 on MovieLens ratings for both guides: the ratings (0, 1, 2) are underdispersed "
+    "for a Poisson of mean about 1, whose central 90% interval is about [0, 3] and so holds every rating. "
+    "The interval is too wide rather than too narrow; a binomial (3 trials) family would be the better "
+    "model, but SPEC fixes the Poisson for this row. MAP and AutoNormal give the same held-out NLL "
+    "within 0.001 (the posterior of the embeddings is narrow at 700 training users).",
+    "Synthetic: the oracle MSE of the test users (true means) is 1.009, so 1.02 leaves 0.011 of excess.",
+    "Temperature: the k-nearest-city baseline with an intercept (10.60) is much stronger than the "
+    "paper's (22.68); the paper's architecture beats it (9.81), the fixed-context one does not (10.72).",
+]
+
+# targets missed, with what was tried (all choices on the validation units, one seed)
+MISSED = [
+    "instacart uni (target < 3.7064): 3.712, gap +0.006. Tried: lr 3e-3 / batch 64 (validation CE "
+    "3.7314), 3 layers, d = 64, dropout 0.1 (3.7304, test of that seed 3.7118, no better); lr 1e-3 / "
+    "batch 32 was stopped unfinished for time. EFE reaches 3.721: the causal task leaves little to gain.",
+    "movielens_items uni (target <= 3.40): 3.408, gap +0.008. Tried (validation CE): paper's "
+    "architecture at lr 3e-3 / batch 32 3.527; d = 64 3.522; dropout 0.1 / 0.2 3.525 / 3.518; prior "
+    "scale 0.3 / 0.5 / 3 worse; 1 layer 3.549; 3 layers 3.527; LayerNorm + feed-forward 3.532; sum "
+    "pooling 3.536; 4 heads, head width 32, lr 1e-3 / 5e-3, batch 16 / 64, patience 20, init radius "
+    "0.02 no better; 3 layers, d = 64, dropout 0.1, batch 16: 3.495 (chosen); 4 layers 3.504.",
+    "temperature_lag1 (target < 9.25): 10.03 (fixed context), gap +0.78; the paper's shared architecture "
+    "(a quarter of the targets per step, 1 seed) 9.81, gap +0.56. Tried (validation MSE): fixed, "
+    "4 layers, lr 1e-3: 8.27; lr 3e-3, patience 20, d = 64: 7.49; 2 layers: 7.48 (chosen); shared "
+    "with target_fraction 0.25: 7.44. The test MSE varies a lot between seeds (sd 0.59 over 93 test "
+    "days); the lag helps on the validation years (7.5 vs 8.1-8.4 without it) but little on the test years.",
+]
+
+
+def write_all(
+    out: Path, results: list[dict[str, Any]], info: dict[str, Any], knn: Any
+) -> list[dict[str, Any]]:
+    rows = summarise(results)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".reproduce.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.replace(out / "reproduce.json")
+    (out / "reproduce_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    write_markdown(out / "reproduce.md", rows, info, knn)
+    return rows
+
+
+def knn_reference(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        table = module("temperature").knn_baseline(data_dir)
+    except OSError:
+        return None
+    best = table.loc[table["val_mse"].idxmin()]
+    return {"k": int(best.k), "val_mse": float(best.val_mse), "test_mse": float(best.test_mse)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Every experiment of the EFA paper, EFA vs EFE, over seeds.")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of the paper's data sets")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--experiments", nargs="+", choices=list(EXPERIMENTS), default=list(EXPERIMENTS))
+    parser.add_argument("--workers", type=int, default=2, help="parallel fits (one torch thread each)")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default benchmarks/results; --smoke: a temp dir)"
+    )
+    parser.add_argument("--note", default="full budget (early stopping, max 100 epochs) for every row")
+    parser.add_argument("--smoke", action="store_true", help="tiny data and models, 1 epoch (seconds)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the tables of an earlier run")
+    args = parser.parse_args(argv)
+
+    experiments = list(args.experiments)
+    if not args.data_dir.is_dir():
+        print(f"no data at {args.data_dir}: only the synthetic experiment runs", file=sys.stderr)
+        experiments = [e for e in experiments if e == "synthetic"]
+    seeds = args.seeds[:1] if args.smoke else args.seeds
+    out = args.out or (Path(tempfile.mkdtemp(prefix="reproduce_smoke_")) if args.smoke else RESULTS)
+    jobs = plan(seeds, experiments, args.smoke, args.data_dir)
+    knn = knn_reference(args.data_dir) if any(e.startswith("temperature") for e in experiments) else None
+    start = time.perf_counter()
+    info = {
+        "smoke": args.smoke, "seeds": seeds, "workers": args.workers,
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "note": args.note, "notes": NOTES, "wall_seconds": 0.0,
+    }  # fmt: skip
+    info["configs"] = {
+        f"models/{name}.py EFA_OPTIONS": module(name).EFA_OPTIONS
+        for name in dict.fromkeys(EXPERIMENTS[e]["module"] for e in experiments)
+    }
+    if args.render:  # rewrite the tables from the per-seed results of an earlier run
+        old = (out / "reproduce.md").read_text()
+        wall = re.search(r"wall time: ([0-9.]+) min", old)
+        started = re.search(r"started ([0-9-]+ [0-9:]+)", old)
+        info["wall_seconds"] = float(wall.group(1)) * 60 if wall else math.nan
+        info["started"] = started.group(1) if started else "?"
+        runs = [json.loads(line) for line in (out / "reproduce_runs.jsonl").read_text().splitlines()]
+        write_all(out, runs, info, knn)
+        return 0
+    print(f"{len(jobs)} fits, {args.workers} workers, output {out}", flush=True)
+    results: list[dict[str, Any]] = []
+    failures = 0
+    with cf.ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = {pool.submit(run_one, job): job for job in jobs}
+        for future in cf.as_completed(futures):
+            job = futures[future]
+            try:
+                r = future.result()
+            except Exception as e:  # keep the others; report at the end
+                failures += 1
+                print(
+                    f"FAILED {job['experiment']} {job['model']} {job['direction']} seed {job['seed']}: {e!r}"
+                )
+                continue
+            results.append(r)
+            info["wall_seconds"] = time.perf_counter() - start
+            write_all(out, results, info, knn)
+            print(
+                f"[{time.perf_counter() - start:7.0f}s] {r['experiment']:<18} {r['model']} "
+                f"{r['direction']:<3} {r['guide']:<6} seed {r['seed']}: val {r['val']:.4f} "
+                f"test {r['test']:.4f} ({r['epochs']} epochs, {r['seconds']:.0f}s)",
+                flush=True,
+            )
+    info["wall_seconds"] = time.perf_counter() - start
+    rows = write_all(out, results, info, knn)
+    print(f"done in {info['wall_seconds'] / 60:.1f} min; {len(rows)} rows in {out / 'reproduce.json'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

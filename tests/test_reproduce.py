@@ -1,0 +1,70 @@
+"""benchmarks/reproduce.py: a smoke run of every experiment, and one real fit (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "reproduce.py"
+REQUIRED = {"experiment", "direction", "model", "guide", "metric", "mean", "sd", "seeds", "paper"}
+EXPERIMENTS = {
+    "synthetic", "instacart", "movielens_items", "movielens_ratings",
+    "temperature", "temperature_lag1", "temperature_lag2",
+}  # fmt: skip
+
+
+def _reproduce() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("pyro_efa_reproduce", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    rows = json.loads((out / "reproduce.json").read_text())
+    assert rows and all(REQUIRED <= set(r) for r in rows)
+    assert {r["experiment"] for r in rows} <= EXPERIMENTS
+    assert {r["direction"] for r in rows} <= {"uni", "bi"}
+    assert {r["model"] for r in rows} <= {"efa", "efe"}
+    assert "synthetic" in {r["experiment"] for r in rows}
+    for r in rows:
+        assert isinstance(r["seeds"], list) and r["seeds"]
+        if r["guide"] == "map" and r["metric"] in ("mse", "nll", "nll_no_base"):
+            assert r["architecture"]
+    text = (out / "reproduce.md").read_text()
+    assert "smoke" in text and "| experiment |" in text
+    if any(r["experiment"] == "movielens_ratings" for r in rows):  # the real data were there
+        assert {r["experiment"] for r in rows} == EXPERIMENTS
+        metrics = {(r["guide"], r["metric"]) for r in rows if r["experiment"] == "movielens_ratings"}
+        assert {("map", "coverage90"), ("normal", "coverage90"), ("normal", "nll_no_base")} <= metrics
+
+
+def test_plan_covers_every_row() -> None:
+    rp = _reproduce()
+    jobs = rp.plan([0, 1, 2], list(rp.EXPERIMENTS), smoke=True, data_dir=Path("."))
+    keys = {(j["experiment"], j["model"], j["direction"]) for j in jobs}
+    for experiment, spec in rp.EXPERIMENTS.items():
+        for direction in spec["directions"]:
+            for model in ("efa", "efe"):
+                assert (experiment, model, direction) in keys
+    assert all(sum(1 for j in jobs if j == k) == 1 for k in jobs)
+    assert {j["seed"] for j in jobs} == {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_movielens_items_uni_near_target(data_dir: Path) -> None:
+    rp = _reproduce()
+    job = {"experiment": "movielens_items", "model": "efa", "direction": "uni", "seed": 0}
+    result = rp.run_one({**job, "data_dir": str(data_dir)})
+    assert result["test"] <= 3.40 * 1.02, result
