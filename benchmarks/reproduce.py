@@ -89,6 +89,8 @@ TARGETS = {
 # encoding needs hours per fit here); the lag experiments run the paper's architecture with a
 # quarter of the targets per step, and for one seed only (about 10 minutes per fit).
 SHARED = {"context_stream": "shared"}
+# item sequences never repeat an item within a unit: the opt-in support constraint
+NO_REPEAT = {"exclude_context_items": True}
 FIXED = {"context_stream": "fixed"}
 BI_VARIANTS: dict[str, list[tuple[dict[str, Any], dict[str, Any], int | None]]] = {
     "synthetic": [(SHARED, {}, None), (FIXED, {}, None)],
@@ -167,8 +169,9 @@ def fit_options(experiment: str, model: str, direction: str) -> dict[str, Any]:
 def architecture(efa: Any) -> str:
     """A short description of an EFA configuration for the results table."""
     c = efa.config
+    no_repeat = ", no repeats (exclude_context_items)" if c.get("exclude_context_items") else ""
     if c["attention"] == "uniform":
-        return f"EFE d={c['dim']}"
+        return f"EFE d={c['dim']}" + no_repeat
     if c["direction"] == "uni":
         stream = "causal, one pass (= paper)"
     elif c["context_stream"] == "fixed":
@@ -187,7 +190,7 @@ def architecture(efa: Any) -> str:
     if c["prior_scale"] != 1.0:
         extra.append(f"s={c['prior_scale']:g}")
     head = f"{c['num_layers']}Lx{c['num_heads']}H d={c['dim']}"
-    return ", ".join([head, stream, *extra])
+    return ", ".join([head, stream, *extra]) + no_repeat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,8 +267,36 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # the plan, the table
-def plan(seeds: list[int], experiments: list[str], smoke: bool, data_dir: Path) -> list[dict[str, Any]]:
-    """Every fit to run, slowest first (so that two workers finish close together)."""
+def plan(
+    seeds: list[int], experiments: list[str], smoke: bool, data_dir: Path, variants: str = "all"
+) -> list[dict[str, Any]]:
+    """Every fit to run, slowest first (so that two workers finish close together).
+
+    ``variants``: ``"default"`` (the recommended models), ``"no_repeat"`` (only the item-sequence
+    rows with ``exclude_context_items=True``, EFA and EFE), or ``"all"``.
+    """
+    jobs = [] if variants == "no_repeat" else _default_jobs(seeds, experiments)
+    if variants != "default":
+        for experiment in ("instacart", "movielens_items"):
+            if experiment not in experiments:
+                continue
+            for direction in EXPERIMENTS[experiment]["directions"]:
+                for model in ("efa", "efe"):
+                    bi_efa = (model, direction) == ("efa", "bi")
+                    base = dict(BI_VARIANTS[experiment][0][0]) if bi_efa else {}
+                    for seed in seeds:
+                        jobs.append({
+                            "experiment": experiment, "model": model, "direction": direction, "seed": seed,
+                            "overrides": {**base, **NO_REPEAT}, "fit_overrides": {}, "recommended": False,
+                        })  # fmt: skip
+    cost = {"temperature_lag1": 0, "instacart": 1, "temperature": 2, "temperature_lag2": 3, "synthetic": 4}
+    jobs.sort(key=lambda j: (cost.get(j["experiment"], 9), j["model"] != "efa", j.get("recommended", 1)))
+    for job in jobs:
+        job.update(smoke=smoke, data_dir=str(data_dir))
+    return jobs
+
+
+def _default_jobs(seeds: list[int], experiments: list[str]) -> list[dict[str, Any]]:
     jobs = []
     for experiment in experiments:
         for direction in EXPERIMENTS[experiment]["directions"]:
@@ -293,10 +324,6 @@ def plan(seeds: list[int], experiments: list[str], smoke: bool, data_dir: Path) 
                     "experiment": "movielens_ratings", "model": "efa", "direction": direction, "seed": seed,
                     "guide": "normal", "extras": ("coverage", "nll_samples"),
                 })  # fmt: skip
-    cost = {"temperature_lag1": 0, "instacart": 1, "temperature": 2, "temperature_lag2": 3, "synthetic": 4}
-    jobs.sort(key=lambda j: (cost.get(j["experiment"], 9), j["model"] != "efa", j.get("recommended", 1)))
-    for job in jobs:
-        job.update(smoke=smoke, data_dir=str(data_dir))
     return jobs
 
 
@@ -357,10 +384,12 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and r["guide"] == "map"
             and r["metric"] == EXPERIMENTS[r["experiment"]]["metric"]
         ):
+            no_repeat = "no repeats" in r["architecture"]  # compare like with like
             base = [
                 b for b in rows
                 if (b["experiment"], b["direction"], b["model"], b["guide"], b["metric"])
                 == (r["experiment"], r["direction"], "efe", "map", r["metric"])
+                and ("no repeats" in b["architecture"]) == no_repeat
             ]  # fmt: skip
             if base:
                 r["beats_efe"] = r["mean"] < base[0]["mean"]
@@ -507,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="full budget (early stopping, max 100 epochs) for every row")
     parser.add_argument("--smoke", action="store_true", help="tiny data and models, 1 epoch (seconds)")
     parser.add_argument("--render", action="store_true", help="only rewrite the tables of an earlier run")
+    parser.add_argument(
+        "--variants", choices=("all", "default", "no_repeat"), default="all",
+        help="which rows: the recommended models, the item-sequence rows with exclude_context_items, or both",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     experiments = list(args.experiments)
@@ -515,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         experiments = [e for e in experiments if e == "synthetic"]
     seeds = args.seeds[:1] if args.smoke else args.seeds
     out = args.out or (Path(tempfile.mkdtemp(prefix="reproduce_smoke_")) if args.smoke else RESULTS)
-    jobs = plan(seeds, experiments, args.smoke, args.data_dir)
+    jobs = plan(seeds, experiments, args.smoke, args.data_dir, args.variants)
     knn = knn_reference(args.data_dir) if any(e.startswith("temperature") for e in experiments) else None
     start = time.perf_counter()
     info = {

@@ -33,7 +33,7 @@ from pyro import poutine
 from pyro.nn import PyroModule, PyroSample, pyro_method
 from torch import nn
 
-from .attention import EFAEncoder
+from .attention import EFAEncoder, context_mask
 from .data import EFAData
 from .families import Family, get_family
 
@@ -104,6 +104,10 @@ class EFA(PyroModule):
         predictions and the metrics stay in the data's units: nothing has to be undone by hand.
         :meth:`from_data` turns it on (off for :meth:`efe`, whose closed form it would change).
     :param str encoding: ``"auto"``, ``"one_pass"`` or ``"per_target"`` (see :class:`EFAEncoder`).
+    :param bool exclude_context_items: items data only, opt-in: an item already in the context
+        of a target gets probability 0 (its logit is set to ``-inf``). Exact for sequences that
+        never repeat an item (baskets, watch histories); data that does repeat an item within a
+        unit is rejected by :meth:`validate`.
     :param float target_fraction: in training with per-target encoding, the fraction of each
         unit's targets used per step (the pseudo-likelihood is reweighted to stay unbiased).
     :param float dropout: dropout in attention blocks.
@@ -143,6 +147,7 @@ class EFA(PyroModule):
         standardize: bool = False,
         encoding: str = "auto",
         target_fraction: float = 1.0,
+        exclude_context_items: bool = False,
         dropout: float = 0.0,
         name: str = "",
     ) -> None:
@@ -178,6 +183,9 @@ class EFA(PyroModule):
         self.prior_scale = float(prior_scale)
         self.encoding = encoding
         self.target_fraction = float(target_fraction)
+        if exclude_context_items and kind != "items":
+            raise ValueError("exclude_context_items applies to item sequences only")
+        self.exclude_context_items = bool(exclude_context_items)
         family_names = self._family_names(kind, family, self.num_keys)
         family_options = {k: dict(v) for k, v in (family_options or {}).items()}
         self.config: dict[str, Any] = {
@@ -193,6 +201,7 @@ class EFA(PyroModule):
             "prior_scale": prior_scale, "value_center": value_center, "value_scale": value_scale,
             "standardize": bool(standardize),
             "encoding": encoding, "target_fraction": target_fraction, "dropout": dropout, "name": name,
+            "exclude_context_items": bool(exclude_context_items),
         }  # fmt: skip
         super().__init__(name=name)
 
@@ -424,7 +433,10 @@ class EFA(PyroModule):
         rho = self.rho
         content, query = self.tokens(data, alpha)
         z = self.encoder(content, query, data.mask, mode=mode or self.encoding, select=select)
-        return self.readout(z, data.key_index, rho)
+        eta = self.readout(z, data.key_index, rho)
+        if self.exclude_context_items:
+            eta = eta.masked_fill(self._context_items(data), -math.inf)
+        return eta
 
     @pyro_method
     def observe(
@@ -510,6 +522,12 @@ class EFA(PyroModule):
             eta = torch.cat([first.unsqueeze(-1), eta[..., 1:]], -1)
         return eta
 
+    def _context_items(self, data: EFAData) -> torch.Tensor:
+        """``(B, L, V)``: True where item ``v`` is among the context items of target ``i``."""
+        ctx = context_mask(data.mask, self.direction).to(data.values.dtype)  # (B, L, L)
+        onehot = torch.nn.functional.one_hot(data.values.long(), self.num_items).to(ctx.dtype)
+        return (ctx @ onehot) > 0
+
     def _target_subset(self, data: EFAData) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # an unbiased random subset of each unit's targets (training with per-target encoding;
         # one pass computes every target anyway, so a subset would only add variance)
@@ -549,6 +567,17 @@ class EFA(PyroModule):
                 raise ValueError(
                     f"unit {data.unit_labels[u]!r}: item index {int(data.values[u, i])} out of range"
                 )
+            if self.exclude_context_items:
+                seen = self._context_items(data).gather(-1, data.values.long().unsqueeze(-1)).squeeze(-1)
+                bad = seen & data.mask & data.target
+                if bad.any():
+                    u, i = (int(t[0]) for t in torch.nonzero(bad, as_tuple=True))
+                    v = int(data.values[u, i])
+                    item = data.items.labels[v] if data.items is not None else v
+                    raise ValueError(
+                        f"unit {data.unit_labels[u]!r} repeats item {item!r}: exclude_context_items=True "
+                        "gives items already in the context probability 0"
+                    )
             return
         fam_of_obs = self.key_family[data.key_index]
         for f, family in enumerate(self.families):

@@ -341,3 +341,35 @@ def test_forward_sample_keeps_context_and_shapes():
     assert out.shape == data.values.shape
     assert not torch.equal(out[data.mask], data.values[data.mask])
     assert model(data) is data.values
+
+
+def _baskets(repeat: bool = False) -> EFAData:
+    rows = [(0, "a", 0), (0, "b", 1), (0, "c", 2), (1, "c", 0), (1, "d", 1), (2, "e", 0)]
+    if repeat:
+        rows.append((1, "c", 2))
+    df = pd.DataFrame(rows, columns=["basket", "item", "rank"])
+    return EFAData.from_pandas(df, unit="basket", key="item", order="rank")
+
+
+@pytest.mark.parametrize("direction", ["uni", "bi"])
+def test_exclude_context_items_masks_exactly_the_context(direction):
+    data = _baskets()
+    model = EFA.from_data(data, direction=direction, exclude_context_items=True, dim=8, head_dim=8)
+    eta = model.natural_params(data)
+    items = data.values.long()
+    for b in range(len(data)):
+        n = int(data.mask[b].sum())
+        for i in range(n):
+            ctx = range(i) if direction == "uni" else [j for j in range(n) if j != i]
+            masked = {int(items[b, j]) for j in ctx}
+            for v in range(model.num_items):
+                assert torch.isinf(eta[b, i, v]) == (v in masked), (b, i, v)
+            assert torch.isfinite(eta[b, i, items[b, i]])  # the observed item keeps its mass
+
+
+def test_exclude_context_items_rejects_repeats_and_valued_data():
+    model = EFA.from_data(_baskets(), exclude_context_items=True)
+    with pytest.raises(ValueError, match="repeats item 'c'"):
+        model.validate(_baskets(repeat=True))
+    with pytest.raises(ValueError, match="item sequences only"):
+        EFA(kind="valued", num_keys=2, exclude_context_items=True)
