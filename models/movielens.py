@@ -143,15 +143,13 @@ def efa_model(
     """The recommended EFA of ``task`` and ``direction`` (``EFA_OPTIONS``; ``overrides`` replace
     any option). ``max_len``: the longest unit of all splits (the position embedding must cover
     the test users too)."""
-    options = {**EFA_OPTIONS[task][direction], **overrides}
-    return EFA.from_data(
-        train, family=_family(task), direction=direction, max_len=max_len or train.max_len, **options
-    )
+    options = {"family": _family(task), **EFA_OPTIONS[task][direction], **overrides}
+    return EFA.from_data(train, direction=direction, max_len=max_len or train.max_len, **options)
 
 
 def efe_model(train: EFAData, direction: str, task: str = "items", **overrides) -> EFA:
     """The EFE baseline as a configuration of EFA (no positions), with an intercept."""
-    return EFA.efe(train, family=_family(task), direction=direction, **overrides)
+    return EFA.efe(train, direction=direction, **{"family": _family(task), **overrides})
 
 
 def fit_options(model: str = "efa", direction: str = "uni", **context) -> dict:
