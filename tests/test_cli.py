@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import error_line, metric_block
 
 from pyro_efa.cli import main
 
@@ -38,19 +39,6 @@ def _items_csv(path: Path, num_baskets: int = 40, seed: int = 1) -> Path:
             rows.append({"order_id": f"o{b}", "product_id": int(item) + 1, "rank": rank + 1})
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
-
-
-def _metric_block(text: str) -> list[str]:
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if "metrics (" in line)
-    return [line for line in lines[start + 1 :] if line.startswith("  ")]
-
-
-def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("pyro-efa: error: ")
-    return err[0]
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +85,8 @@ def test_fit_evaluate_round_trip_counts(counts_fit: tuple[Path, Path, str], caps
     assert json.loads(capsys.readouterr().out) == metrics["test"]  # exact floats
     assert main(["evaluate", str(out), str(csv)]) == 0
     text = capsys.readouterr().out
-    assert _metric_block(text) == _metric_block(fit_text)
-    assert any("MSE" in line for line in _metric_block(text))
+    assert metric_block(text) == metric_block(fit_text)
+    assert any("MSE" in line for line in metric_block(text))
 
     assert main(["evaluate", str(out), str(csv), "--units", "all", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["num_observations"] > metrics["test"]["num_observations"]
@@ -115,7 +103,7 @@ def test_fit_evaluate_round_trip_items(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", str(out), str(csv), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics["test"]
     assert main(["evaluate", str(out), str(csv)]) == 0
-    assert _metric_block(capsys.readouterr().out) == _metric_block(fit_text)
+    assert metric_block(capsys.readouterr().out) == metric_block(fit_text)
     # refitting into a directory that holds a previous fit is allowed
     assert main(args + ["--out", str(out), *SMALL]) == 0
     assert "replaced the fit" in capsys.readouterr().out
@@ -138,7 +126,7 @@ def test_predict(counts_fit: tuple[Path, Path, str], tmp_path: Path, capsys) -> 
     assert "prediction" in printed[0] and len(printed) == 5  # header, 3 rows, the count line
     # an existing predictions file is not overwritten without --force
     assert main(["predict", str(out), str(csv), "--out", str(dest)]) == 2
-    assert "--force" in _error_line(capsys)
+    assert "--force" in error_line(capsys)
 
 
 def test_family_map(tmp_path: Path, capsys) -> None:
@@ -152,11 +140,11 @@ def test_family_map(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     # without a default family every key needs an entry
     assert main(args + ["--family-map", "a=poisson", "--out", str(tmp_path / "f2"), *SMALL]) == 2
-    assert "no family" in _error_line(capsys)
+    assert "no family" in error_line(capsys)
     assert (
         main(args + ["--family-map", "zz=poisson", "--family", "poisson", "--out", str(tmp_path / "f3")]) == 2
     )
-    assert "'zz'" in _error_line(capsys)
+    assert "'zz'" in error_line(capsys)
 
 
 # -- user errors: one line on stderr, exit code 2 -----------------------------------------------
@@ -167,7 +155,7 @@ def _fit_args(csv: Path, out: Path, *extra: str) -> list[str]:
 
 def test_error_missing_file(tmp_path: Path, capsys) -> None:
     assert main(_fit_args(tmp_path / "nope.csv", tmp_path / "fit")) == 2
-    assert "nope.csv" in _error_line(capsys)
+    assert "nope.csv" in error_line(capsys)
 
 
 def test_error_missing_column(tmp_path: Path, capsys) -> None:
@@ -175,7 +163,7 @@ def test_error_missing_column(tmp_path: Path, capsys) -> None:
     args = _fit_args(csv, tmp_path / "fit")
     args[args.index("count")] = "clicks"
     assert main(args) == 2
-    assert "clicks" in _error_line(capsys)
+    assert "clicks" in error_line(capsys)
 
 
 def test_error_nan_values(tmp_path: Path, capsys) -> None:
@@ -184,7 +172,7 @@ def test_error_nan_values(tmp_path: Path, capsys) -> None:
     df.loc[3, "count"] = np.nan
     df.to_csv(csv, index=False)
     assert main(_fit_args(csv, tmp_path / "fit")) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "'count'" in line and "NaN" in line
 
 
@@ -193,7 +181,7 @@ def test_error_bad_family(tmp_path: Path, capsys) -> None:
     args = _fit_args(csv, tmp_path / "fit")
     args[args.index("poisson")] = "poison"
     assert main(args) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "'poison'" in line and "poisson" in line
     assert not (tmp_path / "fit").exists()
 
@@ -202,7 +190,7 @@ def test_error_items_with_scalar_family(tmp_path: Path, capsys) -> None:
     csv = _items_csv(tmp_path / "baskets.csv", num_baskets=10)
     args = ["fit", str(csv), "--unit", "order_id", "--key", "product_id", "--family", "poisson"]
     assert main([*args, "--out", str(tmp_path / "fit"), *SMALL]) == 2
-    assert "--value" in _error_line(capsys)
+    assert "--value" in error_line(capsys)
 
 
 def test_error_unknown_keys(counts_fit: tuple[Path, Path, str], tmp_path: Path, capsys) -> None:
@@ -212,7 +200,7 @@ def test_error_unknown_keys(counts_fit: tuple[Path, Path, str], tmp_path: Path, 
     new = tmp_path / "new.csv"
     df.to_csv(new, index=False)
     assert main(["evaluate", str(out), str(new), "--units", "all"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "movie_id" in line and "zzz" in line
 
 
@@ -221,7 +209,7 @@ def test_error_not_a_fit(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     for command in ("evaluate", "predict"):
         assert main([command, str(tmp_path / "empty"), str(csv)]) == 2
-        assert "fit" in _error_line(capsys)
+        assert "fit" in error_line(capsys)
 
 
 def test_error_out_dir_not_a_fit(tmp_path: Path, capsys) -> None:
@@ -230,7 +218,7 @@ def test_error_out_dir_not_a_fit(tmp_path: Path, capsys) -> None:
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     assert main(_fit_args(csv, out)) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "mine" in line and "--force" in line
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert main(_fit_args(csv, out, "--force")) == 0
@@ -239,9 +227,9 @@ def test_error_out_dir_not_a_fit(tmp_path: Path, capsys) -> None:
 
 def test_error_usage(capsys) -> None:
     assert main(["fit", "data.csv", "--key", "k", "--out", "x"]) == 2
-    assert "--unit" in _error_line(capsys)
+    assert "--unit" in error_line(capsys)
     assert main([]) == 2
-    _error_line(capsys)
+    error_line(capsys)
     assert main(["--help"]) == 0
 
 
@@ -279,4 +267,4 @@ def test_parquet_multi_column_keys_and_context(tmp_path: Path, capsys) -> None:
     # an option the family does not take
     bad = [*args, "--family-option", "gamma.foo=1", "--out", str(tmp_path / "f2"), *SMALL]
     assert main(bad) == 2
-    assert "--family-option" in _error_line(capsys)
+    assert "--family-option" in error_line(capsys)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import error_line, metric_block
 
 from pyro_efa.cli import main
 from pyro_efa.infer import CHECKPOINT_NAME, load_checkpoint
@@ -62,19 +63,6 @@ def _params(fit_dir: Path) -> dict[str, torch.Tensor]:
     return {f"{part}.{k}": v for part in ("model", "guide") for k, v in state[part].items()}
 
 
-def _metric_block(text: str) -> list[str]:
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if "metrics (" in line)
-    return [line for line in lines[start + 1 :] if line.startswith("  ")]
-
-
-def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("pyro-efa: error: ")
-    return err[0]
-
-
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 -m pyro_efa fit ... --batch-size 8`` writes one fit equal (up to
     ATOL in float64) to a one-process fit with --batch-size 16 and the same seed; only rank 0
@@ -112,7 +100,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     assert m2["test"]["nll"] == pytest.approx(m1["test"]["nll"], rel=1e-10)
     for name in ("split.json",):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
-    assert _metric_block(two.stdout) == _metric_block(one_text)
+    assert metric_block(two.stdout) == metric_block(one_text)
 
 
 def test_sigkill_and_resume_through_the_cli_is_bit_identical(tmp_path: Path, capsys) -> None:
@@ -165,7 +153,7 @@ def test_sigkill_and_resume_through_the_cli_is_bit_identical(tmp_path: Path, cap
     # resuming with another learning rate is refused, in one line
     capsys.readouterr()
     assert main([*args, "--resume", "--lr", "0.02", "--out", str(out)]) == 2
-    assert "cannot resume" in _error_line(capsys)
+    assert "cannot resume" in error_line(capsys)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -197,7 +185,7 @@ def test_stream_fit_and_evaluate(tmp_path: Path, suffix: str, capsys) -> None:
     assert main(["evaluate", str(out), str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics["test"]
     assert main(["evaluate", str(out), str(path)]) == 0
-    assert _metric_block(capsys.readouterr().out) == _metric_block(text)
+    assert metric_block(capsys.readouterr().out) == metric_block(text)
 
 
 def test_dtype_no_standardize_and_device_reach_the_model(tmp_path: Path, capsys) -> None:
@@ -217,7 +205,7 @@ def test_dtype_no_standardize_and_device_reach_the_model(tmp_path: Path, capsys)
     assert main(["evaluate", str(out), str(csv), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics["test"]
     assert torch.get_default_dtype() == torch.float32
-    assert _metric_block(text)
+    assert metric_block(text)
 
 
 def test_scale_option_errors(tmp_path: Path, capsys) -> None:
@@ -232,17 +220,17 @@ def test_scale_option_errors(tmp_path: Path, capsys) -> None:
         (["--dtype", "float16"], "--dtype"),
     ]:
         assert main([*base, *extra, "--out", out]) == 2, extra
-        assert needle in _error_line(capsys)
+        assert needle in error_line(capsys)
     if not torch.cuda.is_available():
         assert main([*base, "--device", "cuda", "--out", out]) == 2
-        assert "CUDA is not available" in _error_line(capsys)
+        assert "CUDA is not available" in error_line(capsys)
     assert not Path(out).exists()
     # an --out holding only a checkpoint directory is accepted; with anything else it is not
     mine = tmp_path / "mine"
     (mine / "checkpoint").mkdir(parents=True)
     (mine / "notes.txt").write_text("keep me")
     assert main([*base, "--epochs", "1", "--out", str(mine)]) == 2
-    assert "--force" in _error_line(capsys)
+    assert "--force" in error_line(capsys)
     (mine / "notes.txt").unlink()
     assert main([*base, "--epochs", "1", "--out", str(mine)]) == 0
     assert (mine / "config.json").is_file()
@@ -251,4 +239,4 @@ def test_scale_option_errors(tmp_path: Path, capsys) -> None:
     other.mkdir()
     (other / "ckpt").write_text("")
     assert main([*base, "--checkpoint-dir", str(other / "ckpt"), "--out", str(tmp_path / "f2")]) == 2
-    assert "--checkpoint-dir" in _error_line(capsys)
+    assert "--checkpoint-dir" in error_line(capsys)

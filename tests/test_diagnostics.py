@@ -9,12 +9,11 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+from helpers import RandomIntercept
 from matplotlib.figure import Figure
 from pyro import poutine
-from pyro.nn import PyroModule
 from scipy import stats
 
 from pyro_efa import EFA, EFAData, fit, log_likelihood, posterior_predictive
@@ -146,26 +145,11 @@ def test_batches_do_not_change_the_loglik(counts, fits, guide: str) -> None:
     np.testing.assert_array_equal(batched.posterior["alpha"].values, whole.posterior["alpha"].values)
 
 
-class _RandomIntercept(PyroModule):
-    """EFA plus a per-unit random intercept on the natural parameter (a larger model)."""
-
-    def __init__(self, efa: EFA) -> None:
-        super().__init__()
-        self.efa = efa
-
-    def forward(self, data: EFAData, sample: bool = False) -> torch.Tensor:
-        eta = self.efa.natural_params(data)
-        units = self.efa.create_plates(data)
-        with units:
-            u = pyro.sample("u", dist.Normal(0.0, 1.0))  # (B, 1)
-        return self.efa.observe(data, eta + u.unsqueeze(-1), sample=sample, units=units)
-
-
 def test_larger_model_with_per_unit_latents(counts) -> None:
     train, _ = counts
     pyro.set_rng_seed(0)
     efa = EFA.from_data(train, family="poisson", name="efa", **SMALL)
-    f = fit(_RandomIntercept(efa), train, guide="normal", num_epochs=1, progress=False)
+    f = fit(RandomIntercept(efa, scale=1.0), train, guide="normal", num_epochs=1, progress=False)
     whole = to_inference_data(f, train, num_samples=3)
     assert whole.posterior["efa.alpha"].dims == ("chain", "draw", "key", "latent")
     assert whole.posterior["u"].dims == ("chain", "draw", "unit", "u_dim_1")

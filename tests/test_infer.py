@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
-from pyro.nn import PyroModule
+from helpers import RandomIntercept
 
 import pyro_efa
 from pyro_efa import EFA, EFAData, evaluate, fit, load, log_likelihood, posterior_predictive, save
@@ -23,18 +22,6 @@ SMALL = dict(dim=8, num_layers=1, num_heads=1, head_dim=8)
 def ratings() -> EFAData:
     df = synthetic_ratings(120, seed=1)
     return EFAData.from_pandas(df, unit="user", key="movie", value="rating", order="position")
-
-
-@pytest.fixture
-def counts() -> EFAData:
-    rng = np.random.default_rng(0)
-    rows = []
-    for u in range(60):
-        n = rng.integers(1, 7)
-        for i, k in enumerate(rng.choice(8, size=n, replace=False)):
-            rows.append((u, int(k), i, int(rng.poisson(1 + k % 3))))
-    df = pd.DataFrame(rows, columns=["user", "item", "t", "count"])
-    return EFAData.from_pandas(df, unit="user", key="item", value="count", order="t")
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -140,21 +127,6 @@ def test_load_rejects_damaged_files(counts: EFAData, tmp_path) -> None:
         load(tmp_path / "fit")
     with pytest.raises(ValueError, match="readable"):
         load(tmp_path / "nothing-here")
-
-
-class RandomIntercept(PyroModule):
-    """A user's model: EFA plus a per-unit random intercept on the natural parameter."""
-
-    def __init__(self, efa: EFA) -> None:
-        super().__init__()
-        self.efa = efa
-
-    def forward(self, data: EFAData, sample: bool = False) -> torch.Tensor:
-        eta = self.efa.natural_params(data)
-        units = self.efa.create_plates(data)
-        with units:
-            u = pyro.sample("u", dist.Normal(0.0, 2.0))  # (B, 1)
-        return self.efa.observe(data, eta + u.unsqueeze(-1), sample=sample, units=units)
 
 
 def test_composition_random_intercept() -> None:

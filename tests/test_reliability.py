@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyro
 import pytest
 import torch
@@ -23,18 +22,6 @@ from pyro_efa.infer import CHECKPOINT_NAME, load_checkpoint
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_small.py"
 SMALL = dict(dim=8, num_layers=1, num_heads=1, head_dim=8)
-
-
-@pytest.fixture
-def counts() -> EFAData:
-    rng = np.random.default_rng(0)
-    rows = []
-    for u in range(60):
-        n = rng.integers(1, 7)
-        for i, k in enumerate(rng.choice(8, size=n, replace=False)):
-            rows.append((u, int(k), i, int(rng.poisson(1 + k % 3))))
-    df = pd.DataFrame(rows, columns=["user", "item", "t", "count"])
-    return EFAData.from_pandas(df, unit="user", key="item", value="count", order="t")
 
 
 def _state(f) -> dict[str, torch.Tensor]:
