@@ -394,6 +394,8 @@ def fit(
     num_epochs: int = 100,
     batch_size: int = 64,
     lr: float = 1e-3,
+    lr_decay: float | None = None,
+    lr_patience: int = 2,
     patience: int = 5,
     seed: int = 0,
     progress: bool = True,
@@ -424,6 +426,11 @@ def fit(
         ``batch_size * world_size`` (see :mod:`pyro_efa.distributed`). The unit plate is
         subsampled and rescaled.
     :param float lr: Adam learning rate.
+    :param float lr_decay: with ``val_data``, multiply the learning rate by this factor (in
+        (0, 1)) when the validation NLL has not improved for ``lr_patience`` epochs
+        (:class:`torch.optim.lr_scheduler.ReduceLROnPlateau`); ``None`` keeps it constant.
+        Give ``patience`` room for a few reductions (e.g. ``lr_patience=2, patience=10``).
+    :param int lr_patience: epochs without improvement before each reduction.
     :param int patience: epochs without validation improvement before stopping.
     :param int seed: seeds Pyro, torch and the batch order.
     :param bool progress: show a tqdm progress bar (rank 0 only).
@@ -456,6 +463,8 @@ def fit(
         raise ValueError("batch_size and num_epochs must be positive")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be non-negative, got {checkpoint_every}")
+    if lr_decay is not None and not 0.0 < lr_decay < 1.0:
+        raise ValueError(f"lr_decay must be in (0, 1) or None, got {lr_decay}")
     if (checkpoint_every or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir")
     if len(data) == 0 or data.num_observations == 0:
@@ -484,14 +493,21 @@ def fit(
     first = next(data.batches(batch_size)).to(dev)
     loss_fn(first)  # creates the guide's lazy parameters
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
+    scheduler = None
+    if lr_decay is not None and val_data is not None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=lr_decay, patience=lr_patience, threshold=1e-6, threshold_mode="abs"
+        )
     named = [(n, p) for n, p in loss_fn.named_parameters()]
 
     options = dict(
-        guide=guide, num_epochs=num_epochs, batch_size=batch_size, lr=lr, patience=patience,
-        seed=seed, rank=rank, init_scale=init_scale, init_radius=init_radius,
+        guide=guide, num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay,
+        lr_patience=lr_patience, patience=patience, seed=seed, rank=rank, init_scale=init_scale,
+        init_radius=init_radius,
     )  # fmt: skip
     trajectory = dict(
-        guide=guide, batch_size=batch_size, lr=lr, seed=seed, rank=rank, init_scale=init_scale,
+        guide=guide, batch_size=batch_size, lr=lr, lr_decay=lr_decay, lr_patience=lr_patience,
+        seed=seed, rank=rank, init_scale=init_scale,
         init_radius=init_radius, init_intercept=init_intercept, num_particles=num_particles,
         world_size=world, num_units=data.num_units, num_observations=data.num_observations,
     )  # fmt: skip
@@ -512,6 +528,8 @@ def fit(
         try:
             loss_fn.load_state_dict(ckpt["state"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise ValueError(f"{ckpt_path} does not match this model and guide ({e})") from e
         step, start_epoch, skip = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
@@ -551,6 +569,7 @@ def fit(
             "epoch_generator": epoch_state,
             "state": loss_fn.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": rngs,
             "total": float(total),
             "losses": list(losses),
@@ -652,6 +671,8 @@ def fit(
                 best = (val, epoch, copy.deepcopy(loss_fn.state_dict()))
             elif epoch - best[1] >= patience:
                 stop = True
+            if scheduler is not None:
+                scheduler.step(val)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"val": f"{val:.4f}"} if val is not None else {}))
         if stop:
             break

@@ -56,6 +56,27 @@ def test_fit_is_deterministic(counts: EFAData) -> None:
             assert torch.equal(a[k], b[k]), k
 
 
+def test_lr_decay_changes_the_trajectory_only_after_a_plateau(counts: EFAData) -> None:
+    train, val = counts.split((0.7, 0.3), seed=0)
+
+    def run(**kwargs: float) -> pyro_efa.EFAFit:
+        pyro.set_rng_seed(7)
+        model = EFA.from_data(train, family="poisson", **SMALL)
+        return fit(
+            model, train, val_data=val, num_epochs=12, batch_size=16, lr=0.05, patience=50, seed=3,
+            progress=False, **kwargs,
+        )  # fmt: skip
+
+    constant, decayed = run(), run(lr_decay=0.5, lr_patience=0)
+    # the first epoch whose validation NLL does not improve on the best so far
+    first = next(e for e in range(1, 12) if constant.val_nll[e] >= min(constant.val_nll[:e]) - 1e-6)
+    assert decayed.losses[: first + 1] == constant.losses[: first + 1]
+    assert decayed.val_nll[: first + 1] == constant.val_nll[: first + 1]
+    assert decayed.losses[first + 1] != constant.losses[first + 1]  # the next epoch runs at lr / 2
+    with pytest.raises(ValueError, match="lr_decay"):
+        run(lr_decay=1.5)
+
+
 def test_two_fits_do_not_share_parameters(counts: EFAData) -> None:
     # the global param store trap: a second fit must not change the first one
     f1 = fit(EFA.from_data(counts, family="poisson", **SMALL), counts, num_epochs=1, progress=False)

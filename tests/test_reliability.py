@@ -95,7 +95,10 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
         _assert_identical(a["state"][part], b["state"][part])
 
 
-def test_resume_in_process_is_bit_identical(counts: EFAData, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lr_decay", [None, 0.5])
+def test_resume_in_process_is_bit_identical(
+    counts: EFAData, tmp_path: Path, lr_decay: float | None
+) -> None:
     train, val = counts.split((0.75, 0.25), seed=0)
 
     def run(num_epochs: int, **kwargs) -> object:
@@ -103,7 +106,7 @@ def test_resume_in_process_is_bit_identical(counts: EFAData, tmp_path: Path) -> 
         model = EFA.from_data(train, family="poisson", **SMALL)
         return fit(
             model, train, val_data=val, num_epochs=num_epochs, batch_size=8, lr=0.01, patience=50,
-            progress=False, seed=5, **kwargs,
+            lr_decay=lr_decay, lr_patience=0, progress=False, seed=5, **kwargs,
         )  # fmt: skip
 
     whole = run(5)
