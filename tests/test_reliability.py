@@ -96,9 +96,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("lr_decay", [None, 0.5])
-def test_resume_in_process_is_bit_identical(
-    counts: EFAData, tmp_path: Path, lr_decay: float | None
-) -> None:
+def test_resume_in_process_is_bit_identical(counts: EFAData, tmp_path: Path, lr_decay: float | None) -> None:
     train, val = counts.split((0.75, 0.25), seed=0)
 
     def run(num_epochs: int, **kwargs) -> object:
