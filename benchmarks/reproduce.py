@@ -16,7 +16,9 @@ posterior-predictive interval of held-out ratings.
 
 Every configuration was chosen on the validation units (see ``models/*.py``); the test units are
 only evaluated. Fits run in ``--workers`` processes (one torch thread each); results are written
-after every finished fit, so an interrupted run keeps what it has.
+after every finished fit, so an interrupted run keeps what it has. A run of some ``--experiments``
+(or one ``--variants`` kind) keeps the earlier per-seed results of the others in ``--out``
+(``reproduce_runs.jsonl``) and rewrites the tables from all of them; ``--fresh`` starts over.
 
 ``--smoke`` runs every experiment on tiny data and models for one epoch (seconds) and writes to a
 temporary folder unless ``--out`` is given.
@@ -416,7 +418,14 @@ def write_markdown(
         "evaluated.",
         "",
         f"- wall time: {info['wall_seconds'] / 60:.1f} min on {info['workers']} worker process(es), "
-        f"one torch thread each ({info['machine']}); started {info['started']}",
+        f"one torch thread each ({info['machine']}); started {info['started']}"
+        + (
+            f"; this run redid {', '.join(info['redone'])}, the other rows come from earlier runs"
+            if info.get("redone")
+            else ""
+        ),
+        f"- sum of the fit times of every row: {info.get('fit_seconds', math.nan) / 60:.1f} min "
+        "(one fit per worker at a time: the wall time of all rows is about this sum / workers)",
         f"- seeds: {info['seeds']}; {info['note']}",
         "",
         "| experiment | dir | model | guide | metric | mean | sd | paper | gap | target | met | beats EFE "
@@ -516,6 +525,7 @@ def write_all(
     out: Path, results: list[dict[str, Any]], info: dict[str, Any], knn: Any
 ) -> list[dict[str, Any]]:
     rows = summarise(results)
+    info["fit_seconds"] = sum(r["seconds"] for r in results)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".reproduce.json.tmp"
     tmp.write_text(json.dumps(rows, indent=1))
@@ -523,6 +533,23 @@ def write_all(
     (out / "reproduce_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     write_markdown(out / "reproduce.md", rows, info, knn)
     return rows
+
+
+def kept_runs(out: Path, experiments: list[str], variants: str) -> list[dict[str, Any]]:
+    """The per-seed results of an earlier run in ``out`` that this run does not redo: those of
+    other experiments, and of the other variant kind (``"default"`` / ``"no_repeat"``)."""
+    path = out / "reproduce_runs.jsonl"
+    if not path.is_file():
+        return []
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def redone(run: dict[str, Any]) -> bool:
+        no_repeat = "no repeats" in run["architecture"]
+        return run["experiment"] in experiments and (
+            variants == "all" or no_repeat == (variants == "no_repeat")
+        )
+
+    return [r for r in runs if not redone(r)]
 
 
 def knn_reference(data_dir: Path) -> dict[str, Any] | None:
@@ -547,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny data and models, 1 epoch (seconds)")
     parser.add_argument("--render", action="store_true", help="only rewrite the tables of an earlier run")
     parser.add_argument(
+        "--fresh", action="store_true",
+        help="discard the earlier results in --out (default: keep the rows of experiments not rerun)",
+    )  # fmt: skip
+    parser.add_argument(
         "--variants", choices=("all", "default", "no_repeat"), default="all",
         help="which rows: the recommended models, the item-sequence rows with exclude_context_items, or both",
     )  # fmt: skip
@@ -569,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     info["configs"] = {
         f"models/{name}.py EFA_OPTIONS": module(name).EFA_OPTIONS
-        for name in dict.fromkeys(EXPERIMENTS[e]["module"] for e in experiments)
+        for name in dict.fromkeys(EXPERIMENTS[e]["module"] for e in EXPERIMENTS)
     }
     if args.render:  # rewrite the tables from the per-seed results of an earlier run
         old = (out / "reproduce.md").read_text()
@@ -580,8 +611,15 @@ def main(argv: list[str] | None = None) -> int:
         runs = [json.loads(line) for line in (out / "reproduce_runs.jsonl").read_text().splitlines()]
         write_all(out, runs, info, knn)
         return 0
-    print(f"{len(jobs)} fits, {args.workers} workers, output {out}", flush=True)
-    results: list[dict[str, Any]] = []
+    results = [] if args.fresh or args.smoke else kept_runs(out, experiments, args.variants)
+    if results:
+        info["redone"] = (
+            experiments if args.variants == "all" else [f"{e} ({args.variants})" for e in experiments]
+        )
+    print(
+        f"{len(jobs)} fits, {args.workers} workers, output {out}; {len(results)} earlier fits kept",
+        flush=True,
+    )
     failures = 0
     with cf.ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {pool.submit(run_one, job): job for job in jobs}

@@ -62,6 +62,24 @@ def test_plan_covers_every_row() -> None:
     assert {j["seed"] for j in jobs} == {0, 1, 2}
 
 
+def test_partial_rerun_keeps_the_other_rows(tmp_path: Path) -> None:
+    rp = _reproduce()
+    runs = [
+        {"experiment": "instacart", "architecture": "2Lx2H d=32", "seed": 0},
+        {
+            "experiment": "instacart",
+            "architecture": "EFE d=32, no repeats (exclude_context_items)",
+            "seed": 0,
+        },
+        {"experiment": "synthetic", "architecture": "EFE d=32", "seed": 0},
+    ]
+    (tmp_path / "reproduce_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert rp.kept_runs(tmp_path, ["instacart"], "all") == runs[2:]
+    assert rp.kept_runs(tmp_path, ["instacart"], "default") == runs[1:]
+    assert rp.kept_runs(tmp_path, ["instacart"], "no_repeat") == [runs[0], runs[2]]
+    assert rp.kept_runs(tmp_path / "empty", ["instacart"], "all") == []
+
+
 @pytest.mark.slow
 def test_movielens_items_uni_near_target(data_dir: Path) -> None:
     rp = _reproduce()
