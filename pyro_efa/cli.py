@@ -355,6 +355,10 @@ def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]]
             raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not args.lr > 0:
         raise CLIError(f"--lr must be positive, got {args.lr}")
+    if args.lr_decay is not None and not 0 < args.lr_decay < 1:
+        raise CLIError(f"--lr-decay must be between 0 and 1, got {args.lr_decay}")
+    if args.lr_patience < 0:
+        raise CLIError(f"--lr-patience must be non-negative, got {args.lr_patience}")
     if args.checkpoint_every < 0:
         raise CLIError(f"--checkpoint-every must be non-negative, got {args.checkpoint_every}")
     for flag in ("shard_rows", "chunk_rows"):
@@ -501,8 +505,8 @@ def _fit(args: argparse.Namespace, family_options: dict[str, dict[str, Any]], de
     try:
         fitted = fit(
             model, train, guide=args.guide, val_data=val if use_val else None, num_epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
-            progress=not args.no_progress and main_rank,
+            batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay, lr_patience=args.lr_patience,
+            patience=args.patience, seed=args.seed, progress=not args.no_progress and main_rank,
             checkpoint_dir=checkpoint_dir if use_checkpoints else None,
             checkpoint_every=args.checkpoint_every, resume=args.resume, device=device,
         )  # fmt: skip
@@ -765,6 +769,13 @@ def _build_parser() -> _Parser:
     )
     f.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     f.add_argument("--patience", type=int, default=5, help="early stopping patience (default 5)")
+    f.add_argument(
+        "--lr-decay", type=float, metavar="FACTOR",
+        help="multiply the learning rate by FACTOR in (0, 1) when the validation NLL stalls (default: off)",
+    )  # fmt: skip
+    f.add_argument(
+        "--lr-patience", type=int, default=2, help="epochs without improvement before each decay (default 2)"
+    )
     f.add_argument("--seed", type=int, default=0, help="seed of the split and the fit (default 0)")
     f.add_argument(
         "--split",

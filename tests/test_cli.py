@@ -225,6 +225,23 @@ def test_error_out_dir_not_a_fit(tmp_path: Path, capsys) -> None:
     assert (out / "notes.txt").read_text() == "keep me" and (out / "config.json").is_file()
 
 
+def test_fit_with_lr_decay(tmp_path: Path) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=30)
+    out = tmp_path / "fit"
+    assert main(_fit_args(csv, out, "--lr-decay", "0.5", "--lr-patience", "0")) == 0
+    assert "lr_decay" in (out / "config.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--lr-decay", "1.5"), ("--lr-decay", "0"), ("--lr-patience", "-1")]
+)
+def test_error_bad_lr_schedule(tmp_path: Path, capsys, flag: str, value: str) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=10)
+    assert main(_fit_args(csv, tmp_path / "fit", flag, value)) == 2
+    assert flag in error_line(capsys)
+    assert not (tmp_path / "fit").exists()
+
+
 def test_error_usage(capsys) -> None:
     assert main(["fit", "data.csv", "--key", "k", "--out", "x"]) == 2
     assert "--unit" in error_line(capsys)
