@@ -449,6 +449,8 @@ def _fit(args: argparse.Namespace, family_options: dict[str, dict[str, Any]], de
     assert test is not None
     use_val = val is not None and len(val) > 0 and val.num_observations > 0
     counts = [len(part) if part is not None else 0 for part in (train, val, test)]
+    if not use_val and args.lr_decay is not None:
+        raise CLIError("--lr-decay reacts to the validation NLL, but the split has no validation units")
     if not use_val:
         warn("no validation units: no early stopping, all --epochs run and the last state is kept")
 

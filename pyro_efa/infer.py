@@ -426,11 +426,12 @@ def fit(
         ``batch_size * world_size`` (see :mod:`pyro_efa.distributed`). The unit plate is
         subsampled and rescaled.
     :param float lr: Adam learning rate.
-    :param float lr_decay: with ``val_data``, multiply the learning rate by this factor (in
-        (0, 1)) when the validation NLL has not improved for ``lr_patience`` epochs
-        (:class:`torch.optim.lr_scheduler.ReduceLROnPlateau`); ``None`` keeps it constant.
-        Give ``patience`` room for a few reductions (e.g. ``lr_patience=2, patience=10``).
-    :param int lr_patience: epochs without improvement before each reduction.
+    :param float lr_decay: multiply the learning rate by this factor (in (0, 1)) when the
+        validation NLL has not improved for more than ``lr_patience`` epochs in a row
+        (:class:`torch.optim.lr_scheduler.ReduceLROnPlateau`; needs ``val_data``); ``None``
+        keeps it constant. Give ``patience`` room for a few reductions (e.g. ``lr_patience=2,
+        patience=10``).
+    :param int lr_patience: epochs without improvement tolerated before each reduction.
     :param int patience: epochs without validation improvement before stopping.
     :param int seed: seeds Pyro, torch and the batch order.
     :param bool progress: show a tqdm progress bar (rank 0 only).
@@ -465,6 +466,10 @@ def fit(
         raise ValueError(f"checkpoint_every must be non-negative, got {checkpoint_every}")
     if lr_decay is not None and not 0.0 < lr_decay < 1.0:
         raise ValueError(f"lr_decay must be in (0, 1) or None, got {lr_decay}")
+    if lr_decay is not None and val_data is None:
+        raise ValueError("lr_decay reacts to the validation NLL: pass val_data too")
+    if lr_patience < 0:
+        raise ValueError(f"lr_patience must be non-negative, got {lr_patience}")
     if (checkpoint_every or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir")
     if len(data) == 0 or data.num_observations == 0:
@@ -494,7 +499,7 @@ def fit(
     loss_fn(first)  # creates the guide's lazy parameters
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
     scheduler = None
-    if lr_decay is not None and val_data is not None:
+    if lr_decay is not None:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=lr_decay, patience=lr_patience, threshold=1e-6, threshold_mode="abs"
         )
@@ -507,8 +512,8 @@ def fit(
     )  # fmt: skip
     trajectory = dict(
         guide=guide, batch_size=batch_size, lr=lr, lr_decay=lr_decay, lr_patience=lr_patience,
-        seed=seed, rank=rank, init_scale=init_scale,
-        init_radius=init_radius, init_intercept=init_intercept, num_particles=num_particles,
+        seed=seed, rank=rank, init_scale=init_scale, init_radius=init_radius,
+        init_intercept=init_intercept, num_particles=num_particles,
         world_size=world, num_units=data.num_units, num_observations=data.num_observations,
     )  # fmt: skip
     config = {"data": _data_schema_json(data), "model": getattr(model, "config", None)}

@@ -242,6 +242,12 @@ def test_error_bad_lr_schedule(tmp_path: Path, capsys, flag: str, value: str) ->
     assert not (tmp_path / "fit").exists()
 
 
+def test_error_lr_decay_without_validation(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=10)
+    assert main(_fit_args(csv, tmp_path / "fit", "--lr-decay", "0.5", "--split", "0.8", "0", "0.2")) == 2
+    assert "--lr-decay" in error_line(capsys)
+
+
 def test_error_usage(capsys) -> None:
     assert main(["fit", "data.csv", "--key", "k", "--out", "x"]) == 2
     assert "--unit" in error_line(capsys)

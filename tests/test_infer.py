@@ -75,6 +75,8 @@ def test_lr_decay_changes_the_trajectory_only_after_a_plateau(counts: EFAData) -
     assert decayed.losses[first + 1] != constant.losses[first + 1]  # the next epoch runs at lr / 2
     with pytest.raises(ValueError, match="lr_decay"):
         run(lr_decay=1.5)
+    with pytest.raises(ValueError, match="val_data"):
+        fit(EFA.from_data(train, family="poisson", **SMALL), train, lr_decay=0.5, progress=False)
 
 
 def test_two_fits_do_not_share_parameters(counts: EFAData) -> None:
