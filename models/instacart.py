@@ -25,9 +25,9 @@ context tokens also attend to each other and every basket is re-encoded once per
 times the cost: hours on a CPU, so the paper's bidirectional architecture is not run here). EFE via
 ``EFA.efe`` (sum of the context items' embeddings). A batch holds whole baskets with all their
 targets: Adam lr 3e-3, batch 64 baskets (about 700 targets), the learning rate halved after
-2 epochs without validation improvement (``lr_decay=0.5, lr_patience=2``), patience 8. Validation
-CE of seed 0: uni 3.7215 (constant lr 3e-3 with patience 5: 3.7314; halving after 1 epoch: 3.7229,
-after every bad epoch: 3.7398, after 3 with patience 10: 3.7216; 3 layers, d = 64, dropout 0.1 at
+3 epochs without validation improvement (``lr_decay=0.5, lr_patience=2``), patience 8. Validation
+CE of seed 0: uni 3.7215 (constant lr 3e-3 with patience 5: 3.7314; halving after 2 epochs: 3.7229,
+after every bad epoch: 3.7398, after 4 with patience 10: 3.7216; 3 layers, d = 64, dropout 0.1 at
 constant lr: 3.7304, not worth its cost), bi 3.4353 (constant lr); EFE 3.7316 (uni; 3.7371 at
 constant lr). EFE gets the same fit options as EFA.
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,27 @@ def test_knn_baseline(data_dir):
     assert list(table["k"]) == [1, 5, 40]
     mse = dict(zip(table["k"], table["test_mse"], strict=True))
     assert 0 < mse[5] < mse[40]  # the nearest cities carry the information
+
+
+def test_ridge_baseline(data_dir):
+    temperature = _module("temperature")
+    tiny = temperature.ridge_baseline(data_dir, lags=0, penalties=[1e-6])
+    # a vanishing penalty is ordinary least squares with an intercept: check one city directly
+    df = temperature.read_temperatures(data_dir)
+    wide = df.pivot(index="date", columns="city", values="temperature")
+    october = wide[wide.index.month == 10]
+    train = np.isin(october.index.year, list(temperature.TRAIN_YEARS))
+    test = np.isin(october.index.year, list(temperature.TEST_YEARS))
+    sq = np.zeros((len(october), october.shape[1]))
+    for c in range(october.shape[1]):
+        x = np.column_stack([np.ones(len(october)), np.delete(october.to_numpy(), c, axis=1)])
+        y = october.to_numpy()[:, c]
+        coef = np.linalg.lstsq(x[train], y[train], rcond=None)[0]
+        sq[:, c] = (x @ coef - y) ** 2
+    assert tiny["test_mse"].iloc[0] == pytest.approx(sq[test].mean(), rel=1e-4)
+    # the previous day helps on the validation days at the best penalty
+    best = {lags: temperature.ridge_baseline(data_dir, lags=lags)["val_mse"].min() for lags in (0, 1)}
+    assert best[1] < best[0]
 
 
 # ------------------------------------------------------------------------------------------------
