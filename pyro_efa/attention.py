@@ -274,8 +274,24 @@ class EFAEncoder(nn.Module):
         b: torch.Tensor,
         i: torch.Tensor,
     ) -> torch.Tensor:
+        p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, b, i)
+        x = tokens
+        for block in self.blocks:
+            y = block(x, x, allowed)
+            x = torch.where(is_query[..., None], y, tokens) if self.context_stream == "fixed" else y
+        return x[p, i]
+
+    def _per_target_inputs(
+        self,
+        content: torch.Tensor,
+        query: torch.Tensor,
+        mask: torch.Tensor,
+        b: torch.Tensor,
+        i: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # one sequence per target (b, i): the unit's content tokens with token i replaced by
-        # its query token; shapes (P, n, d)
+        # its query token; returns the row index p, the query flags and tokens (P, n[, d]) and the
+        # attention mask (P, n, n)
         p = torch.arange(b.numel(), device=b.device)
         n = mask.size(-1)
         is_query = torch.zeros(b.numel(), n, dtype=torch.bool, device=b.device)
@@ -289,11 +305,7 @@ class EFAEncoder(nn.Module):
             allowed = valid[:, None, :].expand(-1, n, -1).clone()
         # the query row: its context plus (optionally) itself
         allowed[p, i, i] = self.attend_self
-        x = tokens
-        for block in self.blocks:
-            y = block(x, x, allowed)
-            x = torch.where(is_query[..., None], y, tokens) if self.context_stream == "fixed" else y
-        return x[p, i]
+        return p, is_query, tokens, allowed
 
     @torch.no_grad()
     def attention_weights(
@@ -344,19 +356,9 @@ class EFAEncoder(nn.Module):
         B, n = mask.shape
         weights = [query.new_zeros(B, block.num_heads, n, n) for block in self.blocks]
         b_all, i_all = torch.nonzero(mask, as_tuple=True)
-        idx = torch.arange(n, device=mask.device)
         for start in range(0, b_all.numel(), self.chunk_size):
             b, i = b_all[start : start + self.chunk_size], i_all[start : start + self.chunk_size]
-            p = torch.arange(b.numel(), device=b.device)
-            is_query = torch.zeros(b.numel(), n, dtype=torch.bool, device=b.device)
-            is_query[p, i] = True
-            tokens = torch.where(is_query[..., None], query[b], content[b])
-            valid = mask[b]
-            if self.direction == "uni":
-                allowed = (idx[None, :] <= idx[:, None]) & valid[:, None, :]
-            else:
-                allowed = valid[:, None, :].expand(-1, n, -1).clone()
-            allowed[p, i, i] = self.attend_self
+            p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, b, i)
             x = tokens
             for layer, block in enumerate(self.blocks):
                 w = block.weights(x, x, allowed)  # (P, heads, n, n)
