@@ -511,9 +511,9 @@ NOTES = [
     "paper's (22.68); a per-city ridge regression on every other city (not in the paper, reference line "
     "above) is stronger still and beats EFA on the same day and with 1 lag day, not with 2. The paper's "
     "architecture beats the k-nearest-city baseline (9.81), the fixed-context one does not (10.72). "
-    "Our EFE is weak on temperatures (34.7 same day; 30-35 with standardised outputs or lr 3e-2, seed 0), "
-    "far behind the ridge regression, and the paper gives no EFE number here: the 'beats EFE' column "
-    "says little on the temperature rows.",
+    "Our EFE is weak on temperatures (34.7 same day; 30.4 to 40.8 with standardised outputs and/or "
+    "lr 3e-2, seed 0), far behind the ridge regression, and the paper gives no EFE number here: the "
+    "'beats EFE' column says little on the temperature rows.",
     "Temperature with lag days: rows without 'LN' drop the LayerNorms. The validation years cannot tell "
     "the fixed-context rows with and without LayerNorm apart (7.28 vs 7.30, seeds 0-4), the test years "
     "can: October 2019 holds a cold wave below every training day, and a LayerNorm right before the "
