@@ -377,10 +377,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     distributed.init_from_env(backend="gloo" if device == "cpu" else None)
     try:
         torch.set_default_dtype(DTYPES[args.dtype])  # before the table is read
-        return _fit(args, family_options, device)
+        code = _fit(args, family_options, device)
+        distributed.cleanup()  # waits for every process
+        return code
     finally:
         torch.set_default_dtype(old_dtype)
-        distributed.cleanup()
+        distributed.cleanup(wait=False)  # after an error (a no-op once left)
 
 
 def _split_in_memory(args: argparse.Namespace) -> tuple[EFAData, EFAData, EFAData, str]:

@@ -131,9 +131,17 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
     return True
 
 
-def cleanup() -> None:
-    """Leave the process group (no-op without one)."""
+def cleanup(wait: bool = True) -> None:
+    """Leave the process group (no-op without one).
+
+    :param bool wait: first wait for every process (a barrier), so that no process tears down
+        its connections while another still uses them (with gloo that can abort the other
+        process at exit). Pass ``False`` when leaving after an error, where the others may
+        never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            barrier()
         dist.destroy_process_group()
 
 

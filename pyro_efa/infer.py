@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -686,6 +687,9 @@ def fit(
             if distributed.broadcast_object(answer):
                 break
     bar.close()
+    if net is not loss_fn:  # drop the DDP wrapper (its reducer holds the process group) now
+        del net
+        gc.collect()
     best_epoch = len(losses)
     if val_data is not None:
         loss_fn.load_state_dict(best[2])
