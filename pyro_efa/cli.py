@@ -50,7 +50,7 @@ from .predictive import evaluate, predict
 from .serialization import load, save
 from .streaming import StreamingUnits
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 PROG = "pyro-efa"
 SPLIT_FORMAT = "pyro_efa.split/1"
@@ -697,7 +697,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # the parser
-def _build_parser() -> _Parser:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Exponential family attention (EFA) as a Pyro model: fit, evaluate, predict.",
@@ -864,7 +864,7 @@ def _build_parser() -> _Parser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``pyro-efa`` command line; returns the exit code (2 for user errors)."""
-    parser = _build_parser()
+    parser = build_parser()
     try:
         try:
             args = parser.parse_args(argv)

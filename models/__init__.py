@@ -1,0 +1,1 @@
+"""Ready models for the paper's data sets (installed as :mod:`pyro_efa.models`)."""
