@@ -44,7 +44,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 logger = logging.getLogger(__name__)
 
 # the text of data names of pyro_efa.__all__ that cannot carry a documentation comment
-_DATA_DOCS = {"__version__": "The version of the installed package, read from its metadata."}
+_DATA_DOCS = {("pyro_efa", "__version__"): "The version of the installed package, read from its metadata."}
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -65,7 +65,8 @@ def _remove_stale(folder: Path, pattern: str, keep: set[str]) -> None:
 # ------------------------------------------------------------------------------------------------
 # API pages
 def _is_data(obj: Any) -> bool:
-    return not isinstance(obj, type) and not callable(obj)
+    """Neither a class nor a function (nor a module): a value, a type alias."""
+    return not (inspect.isclass(obj) or inspect.isroutine(obj) or inspect.ismodule(obj))
 
 
 def toplevel_names() -> list[str]:
@@ -82,29 +83,70 @@ def toplevel_data() -> list[str]:
     return [name for name in pyro_efa.__all__ if _is_data(getattr(pyro_efa, name))]
 
 
-def _data_doc(name: str) -> tuple[str | None, str]:
-    """The documentation comment (``#: ...`` above the assignment, or a string below it) of the
-    data ``pyro_efa.<name>`` in the pyro_efa module that assigns it (None if it has none), and
-    that module's name."""
-    import pyro_efa
+def _analyzer(module_name: str) -> ModuleAnalyzer | None:
+    try:
+        analyzer = ModuleAnalyzer.for_module(module_name)
+        analyzer.analyze()
+    except PycodeError:
+        return None
+    return analyzer
 
-    if name in _DATA_DOCS:
-        return _DATA_DOCS[name], "pyro_efa"
-    obj = getattr(pyro_efa, name)
-    where = "pyro_efa"
-    for module_name, module in sorted(sys.modules.items()):
-        if not module_name.startswith("pyro_efa") or getattr(module, name, None) is not obj:
+
+def _data_doc(module_name: str, name: str) -> tuple[str | None, str]:
+    """The documentation comment (``#: ...`` above the assignment, or a string below it) of the
+    data ``<module_name>.<name>``, read in the pyro_efa module that assigns it (the data may be
+    re-exported), or None if it has none; and the name of that module."""
+    if (module_name, name) in _DATA_DOCS:
+        return _DATA_DOCS[(module_name, name)], module_name
+    obj = getattr(importlib.import_module(module_name), name)
+    where = module_name
+    for other_name, other in sorted(sys.modules.items()):
+        if not other_name.startswith("pyro_efa") or getattr(other, name, None) is not obj:
             continue
-        try:
-            analyzer = ModuleAnalyzer.for_module(module_name)
-            analyzer.analyze()
-        except PycodeError:
+        analyzer = _analyzer(other_name)
+        if analyzer is None:
             continue
         if ("", name) in analyzer.attr_docs:
-            return "\n".join(analyzer.attr_docs[("", name)]).strip(), module_name
+            return "\n".join(analyzer.attr_docs[("", name)]).strip(), other_name
         if _assigns(analyzer.code, name):
-            where = module_name
+            where = other_name
     return None, where
+
+
+def _data_directives(module_name: str, names: list[str]) -> list[str]:
+    """``py:data`` entries for data names of ``module_name.__all__``, with the documentation
+    comment of the module that assigns them; a warning for each that has none."""
+    lines = []
+    for name in names:
+        doc, where = _data_doc(module_name, name)
+        if doc is None:
+            logger.warning(
+                f"{sys.modules[where].__file__}: {module_name}.{name} has no documentation: add a "
+                f"comment '#: ...' above its assignment in {where}"
+            )
+            doc = ""
+        lines += [f".. py:data:: {name}", f"   :module: {module_name}", ""]
+        lines += [f"   {line}" for line in doc.splitlines()] + [""]
+    return lines
+
+
+def _undocumented_data(module_name: str) -> list[str]:
+    """The data names of the module's ``__all__`` that autodoc leaves out: autodoc documents
+    module data only with a documentation comment in that very module, so a re-exported value
+    or one without a comment would silently be missing. Names with a top-level entry are left
+    to it."""
+    import pyro_efa
+
+    module = importlib.import_module(module_name)
+    analyzer = _analyzer(module_name)
+    own = {n for (ns, n) in analyzer.attr_docs if ns == ""} if analyzer is not None else set()
+    return [
+        name
+        for name in getattr(module, "__all__", ())
+        if _is_data(getattr(module, name))
+        and name not in own
+        and not (name in pyro_efa.__all__ and getattr(pyro_efa, name) is getattr(module, name))
+    ]
 
 
 def _assigns(source: str, name: str) -> bool:
@@ -152,6 +194,9 @@ def generate_api_pages(app: Sphinx) -> None:
         keep.add(page)
         text = _title(module_name)
         text += f"\n.. automodule:: {module_name}\n   :members:\n   :show-inheritance:\n"
+        data = _undocumented_data(module_name)
+        if data:
+            text += "\n" + "\n".join(_data_directives(module_name, data))
         shared = reexported(module_name)
         if shared:
             refs = ", ".join(f":obj:`pyro_efa.{name}`" for name in shared)
@@ -169,16 +214,7 @@ def _api_index(modules: list[str]) -> str:
     lines += [".. automodule:: pyro_efa", "   :no-members:", "", ".. autosummary::", ""]
     lines += [f"   {name}" for name in names]
     lines += [""]
-    for name in toplevel_data():
-        doc, where = _data_doc(name)
-        if doc is None:
-            path = sys.modules[where].__file__
-            logger.warning(
-                f"{path}: pyro_efa.{name} has no documentation: add a comment '#: ...' above its "
-                f"assignment in {where}"
-            )
-            doc = ""
-        lines += [f".. py:data:: {name}", ""] + [f"   {line}" for line in doc.splitlines()] + [""]
+    lines += _data_directives("pyro_efa", toplevel_data())
     lines += ["Modules", "-------", "", ".. currentmodule:: None", "", ".. autosummary::", ""]
     lines += [f"   {module}" for module in modules]
     lines += ["", ".. toctree::", "   :hidden:", ""]
