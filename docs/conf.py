@@ -93,7 +93,8 @@ myst_heading_anchors = 3
 # the HTML site
 html_theme = "furo"
 html_title = f"pyro_efa {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["efa.css"]
 html_show_sourcelink = False
 html_theme_options = {
     "navigation_with_keys": True,

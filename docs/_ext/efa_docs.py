@@ -301,14 +301,26 @@ def _table(header: list[str], rows: list[list[str]]) -> nodes.table:
     return table
 
 
-def _records_table(records: list[dict]) -> nodes.table:
-    columns: list[str] = []
+def _records_tables(records: list[dict]) -> list[nodes.table]:
+    """Tables of a list of records: consecutive records that share a key with the table before
+    go into it (columns: the union of their keys, in order of appearance); a record that shares
+    none starts a new table; a table of a single record is written as field / value rows."""
+    groups: list[list[dict]] = []
     for record in records:
-        for key in record:
-            if key not in columns:
-                columns.append(key)
-    rows = [[_cell(record.get(key)) for key in columns] for record in records]
-    return _table(columns, rows)
+        if groups and set(record) & set().union(*groups[-1]):
+            groups[-1].append(record)
+        else:
+            groups.append([record])
+    tables = []
+    for group in groups:
+        if len(group) == 1:
+            tables.append(_table(["field", "value"], _flatten(group[0])))
+            continue
+        columns: list[str] = []
+        for record in group:
+            columns += [key for key in record if key not in columns]
+        tables.append(_table(columns, [[_cell(record.get(key)) for key in columns] for record in group]))
+    return tables
 
 
 def _flatten(value: dict, prefix: str = "") -> list[list[str]]:
@@ -325,7 +337,7 @@ def results_nodes(data: Any) -> list[nodes.Node]:
     """Tables for one JSON document: a list of records is one table; a mapping gives a table of
     its scalar fields and one table per list of records it holds."""
     if isinstance(data, list) and all(isinstance(r, dict) for r in data):
-        return [_records_table(data)]
+        return list(_records_tables(data))
     if isinstance(data, dict):
         out: list[nodes.Node] = []
         scalars = {k: v for k, v in data.items() if not _is_records(v)}
@@ -334,7 +346,7 @@ def results_nodes(data: Any) -> list[nodes.Node]:
         for key, value in data.items():
             if _is_records(value):
                 out.append(nodes.rubric(text=key))
-                out.append(_records_table(value))
+                out += _records_tables(value)
         return out
     return [nodes.paragraph(text=_cell(data))]
 
