@@ -110,7 +110,7 @@ def child_stream(path: str, shard_rows: int, batch: int) -> dict:
         scan = time.perf_counter() - start
         scan_peak = peak_gb()
         model = EFA.from_data(
-            data.sample(), dim=16, num_layers=1, num_heads=1, head_dim=16, **data.model_kwargs()
+            data.sample(), dim=16, num_layers=1, num_heads=1, head_dim=16, **data.model_overrides()
         )
         start = time.perf_counter()
         fitted = fit(model, data, num_epochs=1, batch_size=batch, lr=3e-3, progress=False)

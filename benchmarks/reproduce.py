@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -40,26 +39,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
-RESULTS = Path(__file__).resolve().parent / "results"
-DATA_DIR = Path(os.environ.get("PYRO_EFA_DATA", ROOT.parent / "shared" / "data"))
+from pyro_efa.models import synthetic, temperature
 
-# experiment -> (models/ module, loader arguments, metric, directions)
-EXPERIMENTS: dict[str, dict[str, Any]] = {
-    "synthetic": {"module": "synthetic", "metric": "mse", "directions": ("uni", "bi")},
-    "instacart": {"module": "instacart", "metric": "nll", "directions": ("uni", "bi")},
-    "movielens_items": {"module": "movielens", "task": "items", "metric": "nll", "directions": ("uni", "bi")},
-    "movielens_ratings": {
-        "module": "movielens", "task": "ratings", "metric": "nll_no_base", "directions": ("uni", "bi"),
-    },
-    "temperature": {"module": "temperature", "lags": 0, "metric": "mse", "directions": ("bi",)},
-    "temperature_lag1": {"module": "temperature", "lags": 1, "metric": "mse", "directions": ("bi",)},
-    "temperature_lag2": {"module": "temperature", "lags": 2, "metric": "mse", "directions": ("bi",)},
-}  # fmt: skip
+from pyro_efa import models
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA_DIR = models.DATA_DIR
+
+# the experiments of the paper (pyro_efa.models: data, recommended models, metric, directions)
+EXPERIMENTS = models.EXPERIMENTS
 
 # the paper's numbers (SPEC section 2): (experiment, model, direction) -> test metric
 PAPER = {
@@ -113,65 +103,20 @@ SMOKE_MODEL = {"dim": 8, "num_layers": 1, "num_heads": 1, "head_dim": 8}
 
 
 # ----------------------------------------------------------------------------------------------
-# the models/ scripts and their data
-@functools.cache
-def module(name: str) -> ModuleType:
-    """``models/<name>.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(f"pyro_efa_models_{name}", MODELS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
+# the data of each experiment
 @functools.cache
 def load(experiment: str, data_dir: str, smoke: bool) -> tuple[Any, Any, Any]:
     """Train, validation and test units of ``experiment`` (cached per process)."""
-    exp = EXPERIMENTS[experiment]
-    mod = module(exp["module"])
-    if exp["module"] == "synthetic":
-        splits = mod.load(num_users=800) if smoke else mod.load()
-    elif exp["module"] == "movielens":
-        splits = (mod.load_items if exp["task"] == "items" else mod.load_ratings)(data_dir)
-    elif exp["module"] == "temperature":
-        splits = mod.load(data_dir, lags=exp["lags"])
+    if experiment == "synthetic" and smoke:
+        splits = synthetic.load(num_users=800)
     else:
-        splits = mod.load(data_dir)
-    if smoke:
-        splits = tuple(
-            d.subset(range(min(n, len(d))), reindex=True) for d, n in zip(splits, SMOKE_SIZES, strict=True)
-        )
-    return splits
-
-
-def build(experiment: str, model: str, direction: str, train: Any, max_len: int, **overrides: Any) -> Any:
-    """The recommended model of ``models/*.py`` for one row (``overrides``: EFA options)."""
-    exp = EXPERIMENTS[experiment]
-    mod = module(exp["module"])
-    if exp["module"] == "temperature":
-        if model == "efa":
-            return mod.efa_model(train, lags=exp["lags"], **overrides)
-        return mod.efe_model(train, **overrides)
-    task = {"task": exp["task"]} if "task" in exp else {}
-    if model == "efa":
-        kw = {} if exp["module"] == "synthetic" else {"max_len": max_len}
-        return mod.efa_model(train, direction, **task, **kw, **overrides)
-    return mod.efe_model(train, direction, **task, **overrides)
-
-
-def fit_options(experiment: str, model: str, direction: str) -> dict[str, Any]:
-    """The recommended options of :func:`pyro_efa.fit` for one row (``models/*.py``)."""
-    exp = EXPERIMENTS[experiment]
-    mod = module(exp["module"])
-    kw = {"lags": exp["lags"]} if exp["module"] == "temperature" else {}
-    if "task" in exp:
-        kw["task"] = exp["task"]
-    return dict(mod.fit_options(model, direction, **kw))
+        splits = EXPERIMENTS[experiment].load(data_dir)
+    return models.smoke_splits(splits, SMOKE_SIZES) if smoke else splits
 
 
 def architecture(efa: Any) -> str:
     """A short description of an EFA configuration for the results table."""
-    c = efa.config
+    c = efa.config.to_dict()
     no_repeat = ", no repeats (exclude_context_items)" if c.get("exclude_context_items") else ""
     if c["attention"] == "uniform":
         return f"EFE d={c['dim']}" + no_repeat
@@ -221,32 +166,30 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import pyro
     import torch
 
-    from pyro_efa import evaluate, fit
+    from pyro_efa import FitOptions, evaluate, fit
 
     torch.set_num_threads(1)
-    pyro.settings.set(module_local_params=True)
     experiment, model, direction, seed = job["experiment"], job["model"], job["direction"], job["seed"]
     guide = job.get("guide", "map")
     smoke = job.get("smoke", False)
-    train, val, test = load(experiment, str(job.get("data_dir", DATA_DIR)), smoke)
-    max_len = max(d.max_len for d in (train, val, test))
+    exp = EXPERIMENTS[experiment]
+    splits = train, val, test = load(experiment, str(job.get("data_dir", DATA_DIR)), smoke)
     overrides = dict(SMOKE_MODEL if smoke else {})
-    if smoke and EXPERIMENTS[experiment]["module"] == "temperature" and model == "efa":
+    if smoke and experiment.startswith("temperature") and model == "efa":
         overrides["ff_dim"] = 8
     if smoke and model == "efe":
         overrides = {"dim": overrides["dim"]}
     overrides.update(job.get("overrides", {}))
-    options = fit_options(experiment, model, direction)
-    options.update(job.get("fit_overrides", {}))
+    options = exp.fit_options(model, direction, seed=seed, **job.get("fit_overrides", {}))
     if smoke:
-        options["num_epochs"] = 1
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)  # network initialisation
-    efa = build(experiment, model, direction, train, max_len, **overrides)
+        options = options.replace(num_epochs=1)
+    pyro.set_rng_seed(seed)  # network initialisation (fit draws it again from the seed)
+    efa = exp.model(model, direction, splits, **overrides)
     start = time.perf_counter()
-    fitted = fit(efa, train, guide=guide, val_data=val, seed=seed, progress=False, **options)
+    fitted = fit(efa, train, guide=guide, val_data=val, options=options, progress=False)
     seconds = time.perf_counter() - start
-    metric = EXPERIMENTS[experiment]["metric"]
+    metric = exp.metric
+    default = FitOptions()
     out = {
         **{k: job[k] for k in ("experiment", "model", "direction", "seed")},
         "guide": guide,
@@ -258,7 +201,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "epochs": len(fitted.losses),
         "best_epoch": fitted.best_epoch,
         "seconds": seconds,
-        "options": {k: v for k, v in options.items() if k != "num_epochs"},
+        "options": {
+            k: v
+            for k, v in options.to_dict().items()
+            if k not in ("num_epochs", "seed") and v != getattr(default, k)
+        },
     }
     extras = job.get("extras", ())
     if "nll_samples" in extras and guide != "map":  # posterior predictive density from guide draws
@@ -283,7 +230,7 @@ def plan(
         for experiment in ("instacart", "movielens_items"):
             if experiment not in experiments:
                 continue
-            for direction in EXPERIMENTS[experiment]["directions"]:
+            for direction in EXPERIMENTS[experiment].directions:
                 for model in ("efa", "efe"):
                     bi_efa = (model, direction) == ("efa", "bi")
                     base = dict(BI_VARIANTS[experiment][0][0]) if bi_efa else {}
@@ -302,7 +249,7 @@ def plan(
 def _default_jobs(seeds: list[int], experiments: list[str]) -> list[dict[str, Any]]:
     jobs = []
     for experiment in experiments:
-        for direction in EXPERIMENTS[experiment]["directions"]:
+        for direction in EXPERIMENTS[experiment].directions:
             for model in ("efa", "efe"):
                 bi_efa = (model, direction) == ("efa", "bi")
                 variants = BI_VARIANTS[experiment] if bi_efa else [(None, {}, None)]
@@ -382,11 +329,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     )
     # EFA beats EFE on every row (same experiment, direction, MAP)
     for r in rows:
-        if (
-            r["model"] == "efa"
-            and r["guide"] == "map"
-            and r["metric"] == EXPERIMENTS[r["experiment"]]["metric"]
-        ):
+        if r["model"] == "efa" and r["guide"] == "map" and r["metric"] == EXPERIMENTS[r["experiment"]].metric:
             no_repeat = "no repeats" in r["architecture"]  # compare like with like
             base = [
                 b for b in rows
@@ -468,7 +411,7 @@ def write_markdown(
     lines += ["", "## Fit options per row", ""]
     lines += [f"- {k}: {v}" for k, v in info.get("configs", {}).items()]
     for r in rows:
-        if r["metric"] == EXPERIMENTS[r["experiment"]]["metric"]:
+        if r["metric"] == EXPERIMENTS[r["experiment"]].metric:
             lines.append(
                 f"- {r['experiment']} {r['direction']} {r['model']} {r['guide']} ({r['architecture']}): "
                 f"{r['options']}, "
@@ -564,13 +507,13 @@ def kept_runs(out: Path, experiments: list[str], variants: str) -> list[dict[str
 
 def knn_reference(data_dir: Path) -> dict[str, Any] | None:
     try:
-        table = module("temperature").knn_baseline(data_dir)
+        table = temperature.knn_baseline(data_dir)
     except OSError:
         return None
     best = table.loc[table["val_mse"].idxmin()]
     ridge = {}
     for lags in (0, 1, 2):
-        fits = module("temperature").ridge_baseline(data_dir, lags=lags)
+        fits = temperature.ridge_baseline(data_dir, lags=lags)
         chosen = fits.loc[fits["val_mse"].idxmin()]
         ridge[lags] = {"penalty": float(chosen.penalty), "test_mse": float(chosen.test_mse)}
     knn = {"k": int(best.k), "val_mse": float(best.val_mse), "test_mse": float(best.test_mse)}
@@ -614,10 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "note": args.note, "notes": NOTES, "wall_seconds": 0.0,
     }  # fmt: skip
-    info["configs"] = {
-        f"models/{name}.py EFA_OPTIONS": module(name).EFA_OPTIONS
-        for name in dict.fromkeys(EXPERIMENTS[e]["module"] for e in EXPERIMENTS)
-    }
+    info["configs"] = {f"{name} EFA options": dict(exp.efa) for name, exp in EXPERIMENTS.items()}
     if args.render:  # rewrite the tables from the per-seed results of an earlier run
         old = (out / "reproduce.md").read_text()
         wall = re.search(r"wall time: ([0-9.]+) min", old)

@@ -16,8 +16,8 @@ training item vocabulary (``items=train.items``). Metric: test cross-entropy in 
 **Paper's numbers** (uni / bi, single unseeded runs): EFA 3.7064 / 3.4200; EFE baseline
 3.7155 / 3.4758 (without intercept in the official code; here every model has one).
 
-**Recommended configuration** (chosen on the validation baskets of one seed: ``EFA_OPTIONS``,
-``FIT_OPTIONS``). Unidirectional: the paper's architecture (the library's defaults: d = 32, learned
+**Recommended configuration** (chosen on the validation baskets of one seed: ``EXPERIMENT``).
+Unidirectional: the paper's architecture (the library's defaults: d = 32, learned
 position embedding, 2 layers x 2 heads of width 16, residual adds, no LayerNorm or feed-forward).
 Bidirectional: the same with ``context_stream="fixed"`` (each target's query stream attends to
 content tokens that are never updated: exact in one pass, NOT the paper's architecture, where the
@@ -36,27 +36,19 @@ Run ``python models/instacart.py``; ``--smoke`` for a seconds-long check of the 
 
 from __future__ import annotations
 
-import argparse
-import math
-import statistics
 from pathlib import Path
 
 import pandas as pd
-import pyro
+from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 
-from pyro_efa import EFA, EFAData, evaluate, fit
+from pyro_efa import EFAData
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+__all__ = ["EXPERIMENT", "load"]
 
-METRIC = "nll"
-PAPER = {("EFA", "uni"): 3.7064, ("EFA", "bi"): 3.4200, ("EFE", "uni"): 3.7155, ("EFE", "bi"): 3.4758}
-EFA_OPTIONS = {"uni": {}, "bi": {"context_stream": "fixed"}}
-FIT_OPTIONS = {"lr": 3e-3, "batch_size": 64, "lr_decay": 0.5, "lr_patience": 2, "patience": 8}
-SMOKE_SIZES = (32, 16, 16)  # train, validation, test units under --smoke
-SMOKE_MODEL = {"dim": 8, "num_layers": 1, "num_heads": 1, "head_dim": 8}
+FIT = {"lr": 3e-3, "batch_size": 64, "lr_decay": 0.5, "lr_patience": 2, "patience": 8}
 
 
-def load(data_dir: str | Path = DATA_DIR, seed: int = 42) -> tuple[EFAData, EFAData, EFAData]:
+def load(data_dir: str | Path = DATA_DIR, seed: int = 42) -> Splits:
     """Train, validation and test baskets (item sequences over 63 products, ordered by rank).
 
     :param seed: seed of the 75% / 25% train / validation split of the training baskets.
@@ -73,71 +65,22 @@ def load(data_dir: str | Path = DATA_DIR, seed: int = 42) -> tuple[EFAData, EFAD
     return train, val, test
 
 
-def efa_model(train: EFAData, direction: str, max_len: int | None = None, **overrides) -> EFA:
-    """The recommended EFA (``EFA_OPTIONS``; ``overrides`` replace any option). ``max_len``: the
-    longest basket of all splits (the position embedding must cover the test baskets too)."""
-    options = {**EFA_OPTIONS[direction], **overrides}
-    return EFA.from_data(train, direction=direction, max_len=max_len or train.max_len, **options)
-
-
-def efe_model(train: EFAData, direction: str, **overrides) -> EFA:
-    """The EFE baseline as a configuration of EFA (no positions), with an intercept."""
-    return EFA.efe(train, direction=direction, **overrides)
-
-
-def fit_options(model: str = "efa", direction: str = "uni", **context) -> dict:
-    """The recommended :func:`pyro_efa.fit` options of one model (``"efa"`` or ``"efe"``) and
-    direction (chosen on the validation units)."""
-    return dict(FIT_OPTIONS)
-
-
-def _head(data: EFAData, n: int) -> EFAData:
-    return data.subset(range(min(n, len(data))), reindex=True)
-
-
-def _summary(name: str, direction: str, scores: list[float], paper: float | None) -> str:
-    mean = statistics.fmean(scores)
-    sd = statistics.stdev(scores) if len(scores) > 1 else math.nan
-    ref = f"{paper:>8.4f}" if paper is not None else f"{'-':>8}"
-    runs = " ".join(f"{s:.4f}" for s in scores)
-    return f"{name:<5} {direction:<4} {mean:>8.4f} {sd:>7.4f} {ref}   {runs}"
+EXPERIMENT = Experiment(
+    name="instacart",
+    metric="nll",
+    directions=("uni", "bi"),
+    paper={("efa", "uni"): 3.7064, ("efa", "bi"): 3.4200, ("efe", "uni"): 3.7155, ("efe", "bi"): 3.4758},
+    loader=load,
+    efa={"uni": {}, "bi": {"context_stream": "fixed"}},
+    efe={},
+    fit={("efa", None): FIT, ("efe", None): FIT},
+    kind="items",
+    max_len_from_splits=True,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="EFA and EFE on Instacart baskets.")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding instacart/")
-    parser.add_argument("--direction", nargs="+", choices=("uni", "bi"), default=["uni", "bi"])
-    parser.add_argument("--guide", choices=("map", "normal", "lowrank"), default="map")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fit seeds")
-    parser.add_argument("--max-epochs", type=int, default=100, help="early stopping may end sooner")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and model, 1 epoch")
-    args = parser.parse_args(argv)
-
-    train, val, test = load(args.data_dir)
-    overrides: dict = {}
-    max_epochs = args.max_epochs
-    if args.smoke:
-        train, val, test = (_head(d, n) for d, n in zip((train, val, test), SMOKE_SIZES, strict=True))
-        overrides, max_epochs = SMOKE_MODEL, 1
-    max_len = max(d.max_len for d in (train, val, test))
-    print(f"Instacart: train {train}\n  validation {val}\n  test {test}")
-    print(f"test {METRIC} (cross-entropy, nats) over seeds {args.seeds}, guide {args.guide}, {FIT_OPTIONS}")
-    print(f"{'model':<5} {'dir':<4} {'mean':>8} {'sd':>7} {'paper':>8}   per seed")
-    for direction in args.direction:
-        for name in ("EFA", "EFE"):
-            scores = []
-            for seed in args.seeds:
-                pyro.set_rng_seed(seed)  # network initialisation
-                if name == "EFA":
-                    model = efa_model(train, direction, max_len=max_len, **overrides)
-                else:
-                    model = efe_model(train, direction, **overrides)
-                fitted = fit(
-                    model, train, guide=args.guide, val_data=val, num_epochs=max_epochs, seed=seed,
-                    progress=not args.smoke, **fit_options(name.lower(), direction),
-                )  # fmt: skip
-                scores.append(evaluate(fitted, test)[METRIC])
-            print(_summary(name, direction, scores, PAPER[name, direction]), flush=True)
+    run_cli(EXPERIMENT, parser("EFA and EFE on Instacart baskets.", ["instacart"]).parse_args(argv))
     return 0
 
 

@@ -17,7 +17,7 @@ test MSE is 1.0 in both directions (the noise variance).
 into training contexts (examples split per example); here every model has an intercept and the
 split is by user.
 
-**Recommended configuration** (chosen on the validation users, ``EFA_OPTIONS``, ``FIT_OPTIONS``).
+**Recommended configuration** (chosen on the validation users: ``EXPERIMENT``).
 ``EFA.from_data(train, direction=d, layer_norm=True, ff_dim=64)``: the paper's d = 32, 2 layers x
 2 heads, position embedding, MLP value embedding, plus LayerNorm and a feed-forward block (64) in
 each layer; bidirectional with the paper's shared context stream (per-target encoding;
@@ -31,29 +31,21 @@ Run ``python models/synthetic.py`` (``--smoke`` for a seconds-long check of the 
 
 from __future__ import annotations
 
-import argparse
-import math
-import statistics
 from pathlib import Path
 
-import pyro
+from pyro_efa.models.base import Experiment, Splits, parser, run_cli
 
-from pyro_efa import EFA, EFAData, evaluate, fit
+from pyro_efa import EFAData
 from pyro_efa.datasets import synthetic_ratings
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+__all__ = ["EXPERIMENT", "load"]
 
 NUM_USERS = 10_000
 NUM_TRAIN_USERS = 7_500  # users 1-7,500 train (and validation), 7,501-10,000 test
-METRIC = "mse"
-PAPER = {("EFA", "uni"): 1.0326, ("EFA", "bi"): 1.0376, ("EFE", "uni"): 4.5188, ("EFE", "bi"): 2.6360}
-EFA_OPTIONS = {"uni": {"layer_norm": True, "ff_dim": 64}, "bi": {"layer_norm": True, "ff_dim": 64}}
-FIT_OPTIONS = {"lr": 3e-3, "batch_size": 64, "patience": 10}
-SMOKE_SIZES = (48, 16, 16)  # train, validation, test units under --smoke
-SMOKE_MODEL = {"dim": 8, "num_layers": 1, "num_heads": 1, "head_dim": 8}
+FIT = {"lr": 3e-3, "batch_size": 64, "patience": 10}
 
 
-def load(num_users: int = NUM_USERS, seed: int = 42) -> tuple[EFAData, EFAData, EFAData]:
+def load(num_users: int = NUM_USERS, seed: int = 42) -> Splits:
     """Train, validation and test units of the synthetic ratings.
 
     :param int num_users: number of users (10,000 in the paper); the first 75% are training users.
@@ -68,66 +60,25 @@ def load(num_users: int = NUM_USERS, seed: int = 42) -> tuple[EFAData, EFAData, 
     return train, val, test
 
 
-def efa_model(train: EFAData, direction: str, **overrides) -> EFA:
-    """The recommended EFA: the paper's architecture with LayerNorm and feed-forward blocks
-    (``EFA_OPTIONS``); ``overrides`` replace any option."""
-    return EFA.from_data(train, direction=direction, **{**EFA_OPTIONS[direction], **overrides})
+def _load(_: Path) -> Splits:
+    return load()
 
 
-def efe_model(train: EFAData, direction: str, **overrides) -> EFA:
-    """The EFE baseline (Rudolph et al., 2016) as a configuration of EFA, with an intercept."""
-    return EFA.efe(train, direction=direction, **overrides)
-
-
-def fit_options(model: str = "efa", direction: str = "uni", **context) -> dict:
-    """The recommended :func:`pyro_efa.fit` options of one model (``"efa"`` or ``"efe"``) and
-    direction (chosen on the validation units)."""
-    return dict(FIT_OPTIONS)
-
-
-def _head(data: EFAData, n: int) -> EFAData:
-    return data.subset(range(min(n, len(data))), reindex=True)
-
-
-def _summary(name: str, direction: str, scores: list[float], paper: float | None) -> str:
-    mean = statistics.fmean(scores)
-    sd = statistics.stdev(scores) if len(scores) > 1 else math.nan
-    ref = f"{paper:>8.4f}" if paper is not None else f"{'-':>8}"
-    runs = " ".join(f"{s:.4f}" for s in scores)
-    return f"{name:<5} {direction:<4} {mean:>8.4f} {sd:>7.4f} {ref}   {runs}"
+EXPERIMENT = Experiment(
+    name="synthetic",
+    metric="mse",
+    directions=("uni", "bi"),
+    paper={("efa", "uni"): 1.0326, ("efa", "bi"): 1.0376, ("efe", "uni"): 4.5188, ("efe", "bi"): 2.6360},
+    loader=_load,
+    efa={"uni": {"layer_norm": True, "ff_dim": 64}, "bi": {"layer_norm": True, "ff_dim": 64}},
+    efe={},
+    fit={("efa", None): FIT, ("efe", None): FIT},
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="EFA and EFE on the paper's synthetic ratings.")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="unused: the data are generated")
-    parser.add_argument("--direction", nargs="+", choices=("uni", "bi"), default=["uni", "bi"])
-    parser.add_argument("--guide", choices=("map", "normal", "lowrank"), default="map")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fit seeds")
-    parser.add_argument("--max-epochs", type=int, default=100, help="early stopping may end sooner")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and model, 1 epoch")
-    args = parser.parse_args(argv)
-
-    train, val, test = load()
-    overrides: dict = {}
-    max_epochs = args.max_epochs
-    if args.smoke:
-        train, val, test = (_head(d, n) for d, n in zip((train, val, test), SMOKE_SIZES, strict=True))
-        overrides, max_epochs = SMOKE_MODEL, 1
-    print(f"synthetic ratings: train {train}\n  validation {val}\n  test {test}")
-    print(f"test {METRIC.upper()} over seeds {args.seeds}, guide {args.guide}, {FIT_OPTIONS}")
-    print(f"{'model':<5} {'dir':<4} {'mean':>8} {'sd':>7} {'paper':>8}   per seed")
-    for direction in args.direction:
-        for name, build in (("EFA", efa_model), ("EFE", efe_model)):
-            scores = []
-            for seed in args.seeds:
-                pyro.set_rng_seed(seed)  # network initialisation
-                model = build(train, direction, **overrides)
-                fitted = fit(
-                    model, train, guide=args.guide, val_data=val, num_epochs=max_epochs, seed=seed,
-                    progress=not args.smoke, **fit_options(name.lower(), direction),
-                )  # fmt: skip
-                scores.append(evaluate(fitted, test)[METRIC])
-            print(_summary(name, direction, scores, PAPER[name, direction]), flush=True)
+    args = parser("EFA and EFE on the paper's synthetic ratings.", ["synthetic"]).parse_args(argv)
+    run_cli(EXPERIMENT, args)
     print("Bayes-optimal test MSE: 1.0 in both directions")
     return 0
 

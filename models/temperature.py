@@ -36,7 +36,7 @@ all other cities of the day (and all cities of the lag days), penalty chosen on 
 the strongest reference here: test MSE 8.96 (same day), 8.50 (1 lag), 9.34 (2 lags).
 
 **Recommended configuration** (SPEC's temperature specifics, then chosen on the validation years:
-``EFA_OPTIONS``, ``fit_options``): each block is attention + LayerNorm + feed-forward (64) +
+``EXPERIMENTS``): each block is attention + LayerNorm + feed-forward (64) +
 LayerNorm, d = 32, 2 heads of width 16, batch 8 days (352 targets).
 
 - same day: the paper's architecture (shared context stream, every day re-encoded per target),
@@ -64,8 +64,8 @@ no-LayerNorm rows are informed by the test years; ``benchmarks/reproduce.py`` re
 the recommended 1-lag model (with LayerNorm, chosen on validation alone) does not depend on it.
 
 ``num_layers`` overrides the depth (the script's ``--layers`` compares 1, 2 and 4). The EFE
-baseline (``efe_model``: uniform attention, ``x_j * key_mlp(lat_j, lon_j)``, with an intercept,
-lr 3e-3) has no paper number here.
+baseline (uniform attention, ``x_j * key_mlp(lat_j, lon_j)``, with an intercept, lr 3e-3) has no
+paper number here.
 
 Run ``python models/temperature.py`` (``--lags 1``, ``--layers 4``); ``--smoke`` for a
 seconds-long check of the pipeline.
@@ -73,39 +73,37 @@ seconds-long check of the pipeline.
 
 from __future__ import annotations
 
-import argparse
-import math
-import statistics
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyro
+from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 
-from pyro_efa import EFA, EFAData, evaluate, fit
+from pyro_efa import EFAData
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+__all__ = ["EXPERIMENTS", "knn_baseline", "load", "read_temperatures", "ridge_baseline"]
 
 TRAIN_YEARS, VAL_YEARS, TEST_YEARS = range(2007, 2013), range(2013, 2017), range(2017, 2020)
 MISSING = -99.0
-METRIC = "mse"
 PAPER = {(0, 1): 17.13, (0, 2): 11.52, (0, 4): 11.22, (1, 4): 9.25, (2, 4): 10.42}  # (lags, layers)
 PAPER_KNN = (5, 22.68)  # best k, its test MSE
-EFA_OPTIONS = {  # lags -> options
+EARTH_RADIUS_KM = 6371.0
+# every EFA here: MLP key embedding of (lat, lon[, lag]), no positions, blocks of attention +
+# LayerNorm + feed-forward (64) + LayerNorm; then per number of lag days
+EFA_BASE = {"key_embedding": "mlp", "position": False, "layer_norm": True, "ff_dim": 64}
+EFA_LAGS = {
     0: {"context_stream": "shared", "num_layers": 4},
     1: {"context_stream": "shared", "num_layers": 4, "target_fraction": 0.25},
     2: {"context_stream": "fixed", "num_layers": 2, "layer_norm": False},
 }
-FIT_OPTIONS = {"lr": 1e-3, "batch_size": 8, "patience": 10}  # same day, EFA
-FIT_OPTIONS_LAGS = {  # lags -> options, EFA
+FIT_LAGS = {
+    0: {"lr": 1e-3, "batch_size": 8, "patience": 10},
     1: {"lr": 3e-3, "batch_size": 8, "lr_decay": 0.5, "lr_patience": 3, "patience": 10},
     2: {"lr": 3e-3, "batch_size": 8, "lr_decay": 0.5, "lr_patience": 3, "patience": 20},
 }
-FIT_OPTIONS_EFE = {"lr": 3e-3, "batch_size": 8, "patience": 10}
-SMOKE_SIZES = (8, 4, 4)  # train, validation, test days under --smoke
-SMOKE_MODEL = {"dim": 8, "num_heads": 1, "head_dim": 8, "ff_dim": 8}
-EARTH_RADIUS_KM = 6371.0
+FIT_EFE = {"lr": 3e-3, "batch_size": 8, "patience": 10}
 
 
 def read_temperatures(data_dir: str | Path = DATA_DIR) -> pd.DataFrame:
@@ -132,7 +130,7 @@ def read_temperatures(data_dir: str | Path = DATA_DIR) -> pd.DataFrame:
     )
 
 
-def load(data_dir: str | Path = DATA_DIR, lags: int = 0) -> tuple[EFAData, EFAData, EFAData]:
+def load(data_dir: str | Path = DATA_DIR, lags: int = 0) -> Splits:
     """Train (2007-2012), validation (2013-2016) and test (2017-2019) October days.
 
     :param int lags: previous days of all cities added as context-only rows (0, 1 or 2); the keys
@@ -157,23 +155,6 @@ def load(data_dir: str | Path = DATA_DIR, lags: int = 0) -> tuple[EFAData, EFADa
         for years in (TRAIN_YEARS, VAL_YEARS, TEST_YEARS)
     )
     return train, val, test
-
-
-def efa_model(train: EFAData, num_layers: int | None = None, lags: int = 0, **overrides) -> EFA:
-    """The recommended bidirectional EFA: MLP key embedding of (lat, lon[, lag]), no positions,
-    blocks of attention + LayerNorm + feed-forward (64) + LayerNorm (``EFA_OPTIONS[lags]``;
-    ``num_layers`` and ``overrides`` replace any option)."""
-    config = dict(direction="bi", key_embedding="mlp", position=False, layer_norm=True, ff_dim=64)
-    config.update(EFA_OPTIONS[lags])
-    if num_layers is not None:
-        config["num_layers"] = num_layers
-    config.update(overrides)
-    return EFA.from_data(train, **config)
-
-
-def efe_model(train: EFAData, **overrides) -> EFA:
-    """The EFE baseline with the same MLP key embedding (bidirectional), with an intercept."""
-    return EFA.efe(train, **{"direction": "bi", "key_embedding": "mlp", **overrides})
 
 
 def _great_circle_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -246,68 +227,42 @@ def ridge_baseline(
     return pd.DataFrame(scores)
 
 
-def fit_options(model: str = "efa", direction: str = "uni", **context) -> dict:
-    """The recommended :func:`pyro_efa.fit` options of one model (``"efa"`` or ``"efe"``) and
-    direction (chosen on the validation units); ``lags`` as in :func:`load`."""
-    if model == "efe":
-        return dict(FIT_OPTIONS_EFE)
-    lags = context.get("lags", 0)
-    return dict(FIT_OPTIONS_LAGS[lags] if lags else FIT_OPTIONS)
+def _experiment(lags: int) -> Experiment:
+    return Experiment(
+        name="temperature" if lags == 0 else f"temperature_lag{lags}",
+        metric="mse",
+        directions=("bi",),
+        paper={("efa", "bi"): PAPER[lags, 4]},
+        loader=functools.partial(_load_splits, lags=lags),
+        efa={"bi": {**EFA_BASE, **EFA_LAGS[lags]}},
+        efe={"bi": {"key_embedding": "mlp"}},
+        fit={("efa", None): FIT_LAGS[lags], ("efe", None): FIT_EFE},
+    )
 
 
-def _head(data: EFAData, n: int) -> EFAData:
-    return data.subset(range(min(n, len(data))), reindex=True)
+def _load_splits(data_dir: Path, lags: int) -> Splits:
+    return load(data_dir, lags=lags)
 
 
-def _summary(name: str, scores: list[float], paper: float | None) -> str:
-    mean = statistics.fmean(scores)
-    sd = statistics.stdev(scores) if len(scores) > 1 else math.nan
-    ref = f"{paper:>8.2f}" if paper is not None else f"{'-':>8}"
-    runs = " ".join(f"{s:.2f}" for s in scores)
-    return f"{name:<16} {mean:>8.2f} {sd:>7.2f} {ref}   {runs}"
+EXPERIMENTS = {lags: _experiment(lags) for lags in (0, 1, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Bidirectional EFA on US October temperatures.")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding temperature/")
-    parser.add_argument("--direction", nargs="+", choices=("uni", "bi"), default=["bi"], help="bi only")
-    parser.add_argument("--guide", choices=("map", "normal", "lowrank"), default="map")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fit seeds")
-    parser.add_argument("--max-epochs", type=int, default=100, help="early stopping may end sooner")
-    parser.add_argument("--lags", type=int, choices=(0, 1, 2), default=0, help="previous days as context")
-    parser.add_argument("--layers", nargs="+", type=int, help="EFA depths (default 1 2 4; lags: recommended)")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and model, 1 epoch")
-    args = parser.parse_args(argv)
-    if args.direction != ["bi"]:
-        parser.error("the temperature experiment is bidirectional only (--direction bi)")
-
-    train, val, test = load(args.data_dir, lags=args.lags)
-    layers = args.layers or ([1, 2, 4] if args.lags == 0 else [EFA_OPTIONS[args.lags]["num_layers"]])
-    overrides: dict = {}
-    max_epochs = args.max_epochs
+    p = parser("Bidirectional EFA on US October temperatures.", ["temperature"])
+    p.add_argument("--lags", type=int, choices=(0, 1, 2), default=0, help="previous days as context")
+    p.add_argument("--layers", nargs="+", type=int, help="EFA depths (default 1 2 4; lags: recommended)")
+    args = p.parse_args(argv)
+    if args.direction not in (None, ["bi"]):
+        p.error("the temperature experiment is bidirectional only (--direction bi)")
+    experiment = EXPERIMENTS[args.lags]
+    layers = args.layers or ([1, 2, 4] if args.lags == 0 else [EFA_LAGS[args.lags]["num_layers"]])
     if args.smoke:
-        train, val, test = (_head(d, n) for d, n in zip((train, val, test), SMOKE_SIZES, strict=True))
-        overrides, max_epochs, layers = SMOKE_MODEL, 1, args.layers or [2]
-    print(f"US October temperatures, {args.lags} lag(s): train {train}\n  validation {val}\n  test {test}")
-    print(f"test MSE (F^2) over seeds {args.seeds}, guide {args.guide}, {fit_options('efa', lags=args.lags)}")
-    print(f"{'model':<16} {'mean':>8} {'sd':>7} {'paper':>8}   per seed")
-    specs = [(f"EFA {n} layer(s)", n) for n in layers] + [("EFE", None)]
-    for name, num_layers in specs:
-        scores = []
-        for seed in args.seeds:
-            pyro.set_rng_seed(seed)  # network initialisation
-            if num_layers is None:
-                model = efe_model(train, **{k: v for k, v in overrides.items() if k == "dim"})
-            else:
-                model = efa_model(train, num_layers, lags=args.lags, **overrides)
-            options = fit_options("efe" if num_layers is None else "efa", lags=args.lags)
-            fitted = fit(
-                model, train, guide=args.guide, val_data=val, num_epochs=max_epochs, seed=seed,
-                progress=not args.smoke, **options,
-            )  # fmt: skip
-            scores.append(evaluate(fitted, test)[METRIC])
-        print(_summary(name, scores, PAPER.get((args.lags, num_layers))), flush=True)
-
+        layers = args.layers or [2]
+    extra = {"ff_dim": 8} if args.smoke else {}
+    variants = [
+        (f"EFA {n} layer(s)", "efa", {"num_layers": n, **extra}, PAPER.get((args.lags, n))) for n in layers
+    ] + [("EFE", "efe", {}, None)]
+    run_cli(experiment, args, variants=variants, digits=2)
     knn = knn_baseline(args.data_dir)
     best_val = knn.loc[knn["val_mse"].idxmin()]
     best_test = knn.loc[knn["test_mse"].idxmin()]

@@ -16,11 +16,16 @@ import pyro
 
 pyro.settings.set(module_local_params=True)
 
+from .checkpoint import load_checkpoint  # noqa: E402
+from .config import EFAConfig, FitOptions  # noqa: E402
 from .data import EFAData, PrecisionWarning, Vocabulary  # noqa: E402
+from .errors import InputError  # noqa: E402
 from .families import FAMILIES, Family, get_family, register_family  # noqa: E402
-from .infer import EFAFit, fit, load_checkpoint  # noqa: E402
+from .guides import make_guide  # noqa: E402
+from .infer import fit  # noqa: E402
 from .model import EFA  # noqa: E402
 from .predictive import evaluate, log_likelihood, posterior_predictive, predict  # noqa: E402
+from .results import EFAFit  # noqa: E402
 from .serialization import load, save  # noqa: E402
 from .streaming import StreamingUnits  # noqa: E402
 
@@ -31,10 +36,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "EFA",
+    "EFAConfig",
     "EFAData",
     "EFAFit",
     "FAMILIES",
     "Family",
+    "FitOptions",
+    "InputError",
     "PrecisionWarning",
     "StreamingUnits",
     "Vocabulary",
@@ -45,6 +53,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "log_likelihood",
+    "make_guide",
     "posterior_predictive",
     "predict",
     "register_family",

@@ -24,18 +24,46 @@ With ``context_stream="fixed"`` content tokens are not updated at all (every lay
 input tokens): a different architecture from the paper's, exact in one pass at any depth in both
 directions.
 
-None of these let ``z_i`` depend on ``x_i``, nor (``uni``) on any later ``x_j``.
+None of these let ``z_i`` depend on ``x_i``, nor (``uni``) on any later ``x_j``. Every mode reads
+which positions a target may use from one rule, :func:`context_mask`.
+
+**Empty contexts.** In the bidirectional model a target whose context is empty (the only
+observation of its unit) gets ``z_i = 0``, so its natural parameter is its key's intercept: with
+nothing to condition on it predicts the key's marginal. In the causal model the first observation
+of a unit keeps the state of its query token (key and position): that models the distribution of
+first observations, which may differ from later ones.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import EFAConfig
+from .errors import InputError
+
 __all__ = ["AttentionBlock", "EFAEncoder", "context_mask"]
+
+
+def context_mask(mask: torch.Tensor, direction: str) -> torch.Tensor:
+    """``(B, n, n)`` boolean: True where position ``j`` is in the context ``c_i`` of target ``i``
+    (and is not padding). The one rule of which positions a target may use.
+
+    ``uni``: ``j < i``; ``bi``: ``j != i``.
+    """
+    n = mask.size(-1)
+    idx = torch.arange(n, device=mask.device)
+    if direction == "uni":
+        rel = idx[None, :] < idx[:, None]
+    elif direction == "bi":
+        rel = idx[None, :] != idx[:, None]
+    else:
+        raise InputError(f"direction must be 'uni' or 'bi', got {direction!r}")
+    return rel & mask[..., None, :]
 
 
 class AttentionBlock(nn.Module):
@@ -46,57 +74,38 @@ class AttentionBlock(nn.Module):
         a_i = W_O \sum_j \mathrm{softmax}_j\Big(\frac{(W_Q x_i)\cdot(W_K m_j)}{\sqrt{d_h}}\Big) W_V m_j,
         \qquad y_i = x_i + a_i
 
-    for queries ``x`` and memory ``m``, one softmax per head over the allowed ``j``.
+    for queries ``x`` and memory ``m``, one softmax per head over the allowed ``j``. The fields of
+    ``config`` it reads: ``dim``, ``num_heads``, ``head_dim`` (``d_h``), ``layer_norm`` (after the
+    attention add and after the feed-forward add), ``ff_dim`` (hidden width of the feed-forward
+    block, 0 for none), ``attention`` (``"uniform"`` forces ``W_Q = 0``), ``project`` (``W_V``,
+    ``W_O``; without them the value is the memory token itself), ``residual``, ``pool``
+    (``"mean"``: softmax weights; ``"sum"``: weights times the number of allowed positions) and
+    ``dropout`` (on the attention output and the feed-forward block).
 
-    :param int dim: model width ``d``.
-    :param int num_heads: number of heads.
-    :param int head_dim: width ``d_h`` of each head.
-    :param bool layer_norm: LayerNorm after the attention add (and after the feed-forward add).
-    :param int ff_dim: hidden width of the feed-forward block; 0 for none.
-    :param bool uniform: force uniform attention over the allowed positions (``W_Q = 0``).
-    :param bool project: use ``W_V``, ``W_O``; without them heads must be 1 and the value is the
-        memory token itself (``W_V = W_O = I``).
-    :param bool residual: add the query token to the attention output.
-    :param str pool: ``"mean"`` (softmax weights) or ``"sum"`` (weights times the number of
-        allowed positions; with ``uniform`` this is a plain sum over the context).
-    :param float dropout: dropout on the attention output and feed-forward block.
+    :param EFAConfig config: the model configuration.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 2,
-        head_dim: int = 16,
-        layer_norm: bool = False,
-        ff_dim: int = 0,
-        uniform: bool = False,
-        project: bool = True,
-        residual: bool = True,
-        pool: str = "mean",
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, config: EFAConfig) -> None:
         super().__init__()
-        if pool not in ("mean", "sum"):
-            raise ValueError(f"pool must be 'mean' or 'sum', got {pool!r}")
-        if not project and num_heads != 1:
-            raise ValueError("project=False needs num_heads=1 (the value is the token itself)")
-        self.num_heads = num_heads
-        self.head_dim = head_dim if project else dim
-        self.uniform = uniform
-        self.project = project
-        self.residual = residual
-        self.pool = pool
+        dim = config.dim
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim if config.project else dim
+        self.uniform = config.attention == "uniform"
+        self.project = config.project
+        self.residual = config.residual
+        self.pool = config.pool
         inner = self.num_heads * self.head_dim
-        if not uniform:
+        if not self.uniform:
             self.w_q = nn.Linear(dim, inner, bias=False)
             self.w_k = nn.Linear(dim, inner, bias=False)
-        if project:
+        if self.project:
             self.w_v = nn.Linear(dim, inner, bias=False)
             self.w_o = nn.Linear(inner, dim, bias=False)
-        self.norm1 = nn.LayerNorm(dim) if layer_norm else None
-        self.norm2 = nn.LayerNorm(dim) if layer_norm and ff_dim else None
+        ff_dim = config.ff_dim
+        self.norm1 = nn.LayerNorm(dim) if config.layer_norm else None
+        self.norm2 = nn.LayerNorm(dim) if config.layer_norm and ff_dim else None
         self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Linear(ff_dim, dim)) if ff_dim else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         # (..., n, h * d_h) -> (..., h, n, d_h)
@@ -147,69 +156,49 @@ class AttentionBlock(nn.Module):
         return y
 
 
-def context_mask(mask: torch.Tensor, direction: str) -> torch.Tensor:
-    """``(B, n, n)`` boolean: True where ``j`` is in the context of ``i`` (and is not padding).
-
-    ``uni``: ``j < i``; ``bi``: ``j != i``.
-    """
-    n = mask.size(-1)
-    idx = torch.arange(n, device=mask.device)
-    if direction == "uni":
-        rel = idx[None, :] < idx[:, None]
-    elif direction == "bi":
-        rel = idx[None, :] != idx[:, None]
-    else:
-        raise ValueError(f"direction must be 'uni' or 'bi', got {direction!r}")
-    return rel & mask[..., None, :]
-
-
 class EFAEncoder(nn.Module):
-    """A stack of :class:`AttentionBlock` computing the target states ``z`` of a unit.
+    """A stack of ``config.num_layers`` :class:`AttentionBlock` computing the target states ``z``
+    of a unit.
 
-    :param int dim: model width.
-    :param int num_layers: number of blocks.
-    :param str direction: ``"uni"`` (causal) or ``"bi"``.
-    :param str context_stream: ``"shared"`` (context tokens attend to each other, as in the
-        paper) or ``"fixed"`` (context tokens are not updated).
-    :param bool attend_self: whether the query token attends to itself (besides the context).
+    The fields of ``config`` it reads besides the blocks': ``direction``, ``context_stream``
+    (``"shared"``: context tokens attend to each other, as in the paper; ``"fixed"``: they are
+    not updated), ``attend_self`` (the query token attends to itself besides the context) and
+    ``encoding`` (the default mode of :meth:`forward`).
+
+    :param EFAConfig config: the model configuration.
     :param int chunk_size: per-target mode processes at most this many target sequences at once.
-    :param block_kwargs: passed to every :class:`AttentionBlock`.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_layers: int = 2,
-        direction: str = "uni",
-        context_stream: str = "shared",
-        attend_self: bool = True,
-        chunk_size: int = 4096,
-        **block_kwargs: object,
-    ) -> None:
+    def __init__(self, config: EFAConfig, chunk_size: int = 4096) -> None:
         super().__init__()
-        if direction not in ("uni", "bi"):
-            raise ValueError(f"direction must be 'uni' or 'bi', got {direction!r}")
-        if context_stream not in ("shared", "fixed"):
-            raise ValueError(f"context_stream must be 'shared' or 'fixed', got {context_stream!r}")
-        if num_layers < 1:
-            raise ValueError("num_layers must be at least 1")
-        self.direction = direction
-        self.context_stream = context_stream
-        self.attend_self = attend_self
+        self.direction = config.direction
+        self.context_stream = config.context_stream
+        self.attend_self = config.attend_self
+        self.one_pass_exact = config.one_pass_exact
+        self.default_mode = "per_target" if config.per_target else "one_pass"
         self.chunk_size = chunk_size
-        self.blocks = nn.ModuleList(AttentionBlock(dim, **block_kwargs) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(AttentionBlock(config) for _ in range(config.num_layers))
 
-    @property
-    def one_pass_exact(self) -> bool:
-        """Whether the one-pass computation equals the per-target one for this configuration."""
-        return self.direction == "uni" or self.context_stream == "fixed" or len(self.blocks) == 1
+    def _mode(self, mode: str | None) -> str:
+        if mode is None:
+            return self.default_mode
+        if mode == "auto":
+            return "one_pass" if self.one_pass_exact else "per_target"
+        if mode not in ("one_pass", "per_target"):
+            raise InputError(f"mode must be 'auto', 'one_pass' or 'per_target', got {mode!r}")
+        if mode == "one_pass" and not self.one_pass_exact:
+            raise InputError(
+                "one-pass encoding is exact only for uni, context_stream='fixed', or one layer; "
+                "use mode='per_target' for a deeper bidirectional model with a shared context stream"
+            )
+        return mode
 
     def forward(
         self,
         content: torch.Tensor,
         query: torch.Tensor,
         mask: torch.Tensor,
-        mode: str = "auto",
+        mode: str | None = None,
         select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Target states ``z (B, n, d)``.
@@ -217,106 +206,119 @@ class EFAEncoder(nn.Module):
         :param ~torch.Tensor content: ``(B, n, d)`` content tokens (key + value).
         :param ~torch.Tensor query: ``(B, n, d)`` query tokens (key + mask vector).
         :param ~torch.Tensor mask: ``(B, n)`` True for real observations.
-        :param str mode: ``"one_pass"``, ``"per_target"`` or ``"auto"`` (one pass when exact).
+        :param str mode: ``"one_pass"``, ``"per_target"``, ``"auto"`` (one pass when exact) or
+            None (the configuration's ``encoding``).
         :param ~torch.Tensor select: ``(B, n)`` targets to compute in per-target mode (default:
             all real observations); other rows of the result are 0.
         """
-        if mode == "auto":
-            mode = "one_pass" if self.one_pass_exact else "per_target"
-        if mode == "one_pass":
-            if not self.one_pass_exact:
-                raise ValueError(
-                    "one-pass encoding is exact only for uni, context_stream='fixed', or one layer; "
-                    "use mode='per_target' for a deeper bidirectional model with a shared context stream"
-                )
-            return self._one_pass(content, query, mask)
-        if mode == "per_target":
-            return self._per_target(content, query, mask, mask if select is None else select & mask)
-        raise ValueError(f"mode must be 'auto', 'one_pass' or 'per_target', got {mode!r}")
+        ctx = context_mask(mask, self.direction)
+        if self._mode(mode) == "one_pass":
+            z = self._one_pass(content, query, mask, ctx)
+        else:
+            z = self._per_target(content, query, mask, ctx, mask if select is None else select & mask)
+        if self.direction == "bi":  # no context, no information: the key's intercept
+            z = z.masked_fill(~ctx.any(-1, keepdim=True), 0.0)
+        return z
 
     # ------------------------------------------------------------------------------------------
-    def _query_allowed(self, mask: torch.Tensor) -> torch.Tensor:
-        # (B, n, 2n): query i attends to content j in c_i, and to its own query token
-        n = mask.size(-1)
-        ctx = context_mask(mask, self.direction)
-        own = torch.eye(n, dtype=torch.bool, device=mask.device)
-        if not self.attend_self:
-            own = torch.zeros_like(own)
+    # the allowed positions, all derived from context_mask
+    def _query_allowed(self, ctx: torch.Tensor) -> torch.Tensor:
+        # (B, n, 2n): query i attends to content j in c_i, and (attend_self) to its own query token
+        n = ctx.size(-1)
+        own = torch.eye(n, dtype=torch.bool, device=ctx.device) & self.attend_self
         return torch.cat([ctx, own.expand_as(ctx)], dim=-1)
 
-    def _one_pass(self, content: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        allowed_q = self._query_allowed(mask)
-        # content stream of the causal model: j attends to content j' <= j
-        allowed_c = context_mask(mask, "uni") | torch.eye(mask.size(-1), dtype=torch.bool, device=mask.device)
-        h, g = content, query
-        for layer, block in enumerate(self.blocks):
-            g_next = block(g, torch.cat([h, g], dim=-2), allowed_q)
-            if self.context_stream == "shared" and layer + 1 < len(self.blocks):
-                h = block(h, h, allowed_c & mask[..., None, :])
-            g = g_next
-        return g
+    def _content_allowed(self, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # (B, n, n): a content token attends to its own context and itself (the shared stream)
+        eye = torch.eye(ctx.size(-1), dtype=torch.bool, device=ctx.device)
+        return (ctx | eye) & mask[..., None, :]
 
-    def _per_target(
-        self, content: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, select: torch.Tensor
+    def _one_pass(
+        self, content: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, ctx: torch.Tensor
     ) -> torch.Tensor:
-        out = query.new_zeros(query.shape)
-        b_all, i_all = torch.nonzero(select, as_tuple=True)
-        for start in range(0, b_all.numel(), self.chunk_size):
-            b, i = b_all[start : start + self.chunk_size], i_all[start : start + self.chunk_size]
-            out[b, i] = self._per_target_states(content, query, mask, b, i)
+        return self._one_pass_layers(content, query, mask, ctx)[-1][1]
+
+    def _one_pass_layers(
+        self, content: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, ctx: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # per layer: (memory of the query stream in this layer, query states after it); the content
+        # stream of a shared model is updated only where it is read again (uni: exact at any depth;
+        # bi one pass is exact only with one layer or the fixed stream, where it is never updated)
+        allowed_q = self._query_allowed(ctx)
+        allowed_c = self._content_allowed(ctx, mask)
+        h, g, out = content, query, []
+        for layer, block in enumerate(self.blocks):
+            memory = torch.cat([h, g], dim=-2)
+            g = block(g, memory, allowed_q)
+            if self.context_stream == "shared" and layer + 1 < len(self.blocks):
+                h = block(h, h, allowed_c)
+            out.append((memory, g))
         return out
 
-    def _per_target_states(
+    def _per_target(
         self,
         content: torch.Tensor,
         query: torch.Tensor,
         mask: torch.Tensor,
-        b: torch.Tensor,
-        i: torch.Tensor,
+        ctx: torch.Tensor,
+        select: torch.Tensor,
     ) -> torch.Tensor:
-        p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, b, i)
-        x = tokens
+        out = query.new_zeros(query.shape)
+        for b, i in self._chunks(select):
+            p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, ctx, b, i)
+            out[b, i] = self._per_target_layers(tokens, is_query, allowed)[-1][p, i]
+        return out
+
+    def _chunks(self, select: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        b_all, i_all = torch.nonzero(select, as_tuple=True)
+        for start in range(0, b_all.numel(), self.chunk_size):
+            yield b_all[start : start + self.chunk_size], i_all[start : start + self.chunk_size]
+
+    def _per_target_layers(
+        self, tokens: torch.Tensor, is_query: torch.Tensor, allowed: torch.Tensor
+    ) -> list[torch.Tensor]:
+        # the states of every per-target sequence after each block (a fixed stream keeps the
+        # content tokens as they came in)
+        x, out = tokens, []
         for block in self.blocks:
             y = block(x, x, allowed)
             x = torch.where(is_query[..., None], y, tokens) if self.context_stream == "fixed" else y
-        return x[p, i]
+            out.append(x)
+        return out
 
     def _per_target_inputs(
         self,
         content: torch.Tensor,
         query: torch.Tensor,
         mask: torch.Tensor,
+        ctx: torch.Tensor,
         b: torch.Tensor,
         i: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # one sequence per target (b, i): the unit's content tokens with token i replaced by
-        # its query token; returns the row index p, the query flags and tokens (P, n[, d]) and the
-        # attention mask (P, n, n)
+        # one sequence per target (b, i): the unit's content tokens with token i replaced by its
+        # query token; returns the row index p, the query flags and tokens (P, n[, d]) and the
+        # attention mask (P, n, n): content tokens attend to their own context and themselves,
+        # the query row to c_i and (attend_self) itself
         p = torch.arange(b.numel(), device=b.device)
-        n = mask.size(-1)
+        n = ctx.size(-1)
         is_query = torch.zeros(b.numel(), n, dtype=torch.bool, device=b.device)
         is_query[p, i] = True
         tokens = torch.where(is_query[..., None], query[b], content[b])
-        valid = mask[b]
-        idx = torch.arange(n, device=b.device)
-        if self.direction == "uni":
-            allowed = (idx[None, :] <= idx[:, None]) & valid[:, None, :]
-        else:
-            allowed = valid[:, None, :].expand(-1, n, -1).clone()
-        # the query row: its context plus (optionally) itself
+        allowed = self._content_allowed(ctx[b], mask[b])
+        allowed[p, i] = ctx[b, i]
         allowed[p, i, i] = self.attend_self
         return p, is_query, tokens, allowed
 
     @torch.no_grad()
     def attention_weights(
-        self, content: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, mode: str = "auto"
+        self, content: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, mode: str | None = None
     ) -> list[torch.Tensor]:
         """Attention weights of the query stream in every layer, for attention maps.
 
-        ``one_pass`` (the mode of :meth:`forward` with ``"auto"`` when it is exact): one tensor
-        ``(B, heads, n, 2n)`` per layer; row ``i`` holds the weights of target ``i`` over the
-        content states ``0..n-1`` (columns ``:n``; nonzero only on its context ``c_i``) and over
-        the query tokens (columns ``n:``; nonzero only on its own query token ``n + i``).
+        ``one_pass``: one tensor ``(B, heads, n, 2n)`` per layer; row ``i`` holds the weights of
+        target ``i`` over the content states ``0..n-1`` (columns ``:n``; nonzero only on its
+        context ``c_i``) and over the query tokens (columns ``n:``; nonzero only on its own query
+        token ``n + i``).
 
         ``per_target``: one tensor ``(B, heads, n, n)`` per layer; row ``i`` holds the weights
         of target ``i``'s query token in its own sequence, column ``i`` being its own token.
@@ -328,41 +330,26 @@ class EFAEncoder(nn.Module):
         :param ~torch.Tensor content: ``(B, n, d)`` content tokens.
         :param ~torch.Tensor query: ``(B, n, d)`` query tokens.
         :param ~torch.Tensor mask: ``(B, n)`` True for real observations.
-        :param str mode: ``"auto"``, ``"one_pass"`` or ``"per_target"``, as in :meth:`forward`.
+        :param str mode: as in :meth:`forward`.
         :rtype: list[~torch.Tensor]
         """
-        if mode == "auto":
-            mode = "one_pass" if self.one_pass_exact else "per_target"
-        if mode not in ("one_pass", "per_target"):
-            raise ValueError(f"mode must be 'auto', 'one_pass' or 'per_target', got {mode!r}")
-        if mode == "one_pass" and not self.one_pass_exact:
-            raise ValueError("one-pass encoding is not exact for this configuration; use mode='per_target'")
-        out: list[torch.Tensor] = []
-        if mode == "one_pass":
-            # the loop of _one_pass, reading each block's weights before applying it
-            allowed_q = self._query_allowed(mask)
-            eye = torch.eye(mask.size(-1), dtype=torch.bool, device=mask.device)
-            allowed_c = (context_mask(mask, "uni") | eye) & mask[..., None, :]
-            h, g = content, query
-            for layer, block in enumerate(self.blocks):
-                memory = torch.cat([h, g], dim=-2)
+        ctx = context_mask(mask, self.direction)
+        if self._mode(mode) == "one_pass":
+            allowed_q = self._query_allowed(ctx)
+            out, g = [], query
+            layers = self._one_pass_layers(content, query, mask, ctx)
+            for block, (memory, g_next) in zip(self.blocks, layers, strict=True):
                 out.append(block.weights(g, memory, allowed_q) * mask[..., None, :, None])
-                g_next = block(g, memory, allowed_q)
-                if self.context_stream == "shared" and layer + 1 < len(self.blocks):
-                    h = block(h, h, allowed_c)
                 g = g_next
             return out
-        # per target: the sequences of _per_target_states, keeping row i of each target's sequence
+        # per target: the sequences of _per_target, keeping row i of each target's sequence
         B, n = mask.shape
         weights = [query.new_zeros(B, block.num_heads, n, n) for block in self.blocks]
-        b_all, i_all = torch.nonzero(mask, as_tuple=True)
-        for start in range(0, b_all.numel(), self.chunk_size):
-            b, i = b_all[start : start + self.chunk_size], i_all[start : start + self.chunk_size]
-            p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, b, i)
+        for b, i in self._chunks(mask):
+            p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, ctx, b, i)
             x = tokens
-            for layer, block in enumerate(self.blocks):
-                w = block.weights(x, x, allowed)  # (P, heads, n, n)
-                weights[layer][b, :, i] = w[p, :, i]
-                y = block(x, x, allowed)
-                x = torch.where(is_query[..., None], y, tokens) if self.context_stream == "fixed" else y
+            states = self._per_target_layers(tokens, is_query, allowed)
+            for layer, (block, x_next) in enumerate(zip(self.blocks, states, strict=True)):
+                weights[layer][b, :, i] = block.weights(x, x, allowed)[p, :, i]
+                x = x_next
         return weights

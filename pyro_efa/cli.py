@@ -40,13 +40,17 @@ import pyro
 import torch
 from tqdm import tqdm
 
-from . import __version__, distributed
+from . import __version__, datasets, distributed
+from .checkpoint import CHECKPOINT_NAME
+from .config import EFAConfig, FitOptions
 from .data import EFAData
-from .datasets import synthetic_ratings
+from .errors import InputError
 from .families import FAMILIES
-from .infer import CHECKPOINT_NAME, EFAFit, fit
+from .guides import GUIDES
+from .infer import fit
 from .model import EFA
 from .predictive import evaluate, predict
+from .results import EFAFit
 from .serialization import load, save
 from .streaming import StreamingUnits
 
@@ -57,7 +61,7 @@ SPLIT_FORMAT = "pyro_efa.split/1"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class CLIError(ValueError):
+class CLIError(InputError):
     """An error the user can fix; printed as one line, exit code 2."""
 
 
@@ -189,24 +193,24 @@ def _write_json(path: Path, obj: Any) -> None:
 # ------------------------------------------------------------------------------------------------
 # demo
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .models import synthetic  # the experiment of the paper, as models/synthetic.py runs it
+
     n = args.num_users
     if n < 8:
         raise CLIError(f"--num-users must be at least 8, got {n}")
     if args.num_epochs < 1:
         raise CLIError(f"--num-epochs must be positive, got {args.num_epochs}")
     progress = not args.no_progress
-    df = synthetic_ratings(n, seed=42)
-    data = EFAData.from_pandas(df, unit="user", key="movie", value="rating", order="position")
-    n_train = round(0.75 * n)  # users 1-7,500 of 10,000
-    train_all = data.subset(range(n_train), reindex=True)
-    test = data.subset(range(n_train, n), reindex=True)
-    train, val = train_all.split((0.75, 0.25), seed=args.seed)
-    test_rows = df[df["user"] > n_train]
-    oracle = float(((test_rows["rating"] - test_rows["mu"]) ** 2).mean())
+    exp = synthetic.EXPERIMENT
+    splits = synthetic.load(num_users=n)
+    train, val, test = splits
+    truth = datasets.synthetic_ratings(n, seed=42)
+    held_out = truth[truth["user"].isin(test.unit_labels)]
+    oracle = float(((held_out["rating"] - held_out["mu"]) ** 2).mean())
     print(
         f"synthetic ratings: {n} users x 5 movies (data seed 42); train {len(train)} users, "
-        f"validation {len(val)}, test {len(test)} (users {n_train + 1}-{n}); Gaussian, guide map, "
-        f"lr 3e-3, batch 64, patience 5, at most {args.num_epochs} epochs, seed {args.seed}",
+        f"validation {len(val)}, test {len(test)}; Gaussian, guide map, the recommended models and fit "
+        f"options of models/synthetic.py, at most {args.num_epochs} epochs, seed {args.seed}",
         flush=True,
     )
     specs = [("EFA", "uni"), ("EFA", "bi"), ("EFE", "uni"), ("EFE", "bi")]
@@ -214,13 +218,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     bar = tqdm(specs, desc="demo", disable=not progress, leave=False)
     for name, direction in bar:
         bar.set_description(f"{name} {direction}")
-        build = EFA.from_data if name == "EFA" else EFA.efe
-        pyro.set_rng_seed(args.seed)  # the network's initial weights
-        model = build(train, direction=direction)
-        fitted = fit(
-            model, train, guide="map", val_data=val, num_epochs=args.num_epochs, batch_size=64,
-            lr=3e-3, patience=5, seed=args.seed, progress=progress,
-        )  # fmt: skip
+        model = exp.model(name.lower(), direction, splits)
+        options = exp.fit_options(name.lower(), direction, num_epochs=args.num_epochs, seed=args.seed)
+        fitted = fit(model, train, guide="map", val_data=val, options=options, progress=progress)
         m = evaluate(fitted, test)
         rows.append(
             (name, direction, m["mse"], m["nll"], len(fitted.losses), fitted.best_epoch, fitted.seconds)
@@ -343,41 +343,57 @@ def _resolve_family(args: argparse.Namespace, data: EFAData) -> str | dict[Any, 
     return mapping
 
 
-def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], str | None]:
+# the command-line flag of each configuration field, for errors raised by the configurations
+FLAGS = {
+    "num_epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "lr_decay": "--lr-decay",
+    "lr_patience": "--lr-patience", "patience": "--patience", "seed": "--seed", "threads": "--threads",
+    "checkpoint_every": "--checkpoint-every", "dim": "--dim", "num_layers": "--layers",
+    "num_heads": "--heads", "direction": "--direction", "family_options": "--family-option",
+}  # fmt: skip
+
+
+def _cli_error(e: ValueError) -> CLIError:
+    """A configuration's error, with its field named by the command-line flag."""
+    text = str(e)
+    for field, flag in sorted(FLAGS.items(), key=lambda kv: -len(kv[0])):  # lr_decay before lr
+        if text.startswith(field):
+            return CLIError(flag + text[len(field) :])
+    return CLIError(text)
+
+
+def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], FitOptions, str | None]:
     """Every check of the options that needs no data (the same answer in every process)."""
     if args.family is not None:
         _family_name(args.family, "--family")
     if args.family_map is not None:
         _parse_family_map(args.family_map)
     family_options = _parse_family_options(args.family_option or [])
-    for flag in ("dim", "layers", "heads", "epochs", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not args.lr > 0:
-        raise CLIError(f"--lr must be positive, got {args.lr}")
-    if args.lr_decay is not None and not 0 < args.lr_decay < 1:
-        raise CLIError(f"--lr-decay must be between 0 and 1, got {args.lr_decay}")
-    if args.lr_patience < 0:
-        raise CLIError(f"--lr-patience must be non-negative, got {args.lr_patience}")
-    if args.checkpoint_every < 0:
-        raise CLIError(f"--checkpoint-every must be non-negative, got {args.checkpoint_every}")
+    try:
+        EFAConfig(dim=args.dim, num_layers=args.layers, num_heads=args.heads, family_options=family_options)
+        options = FitOptions(
+            num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
+            lr_patience=args.lr_patience, patience=args.patience, seed=args.seed, threads=args.threads,
+            checkpoint_every=args.checkpoint_every,
+        )  # fmt: skip
+    except ValueError as e:
+        raise _cli_error(e) from e
     for flag in ("shard_rows", "chunk_rows"):
         value = getattr(args, flag)
         if value is not None and not args.stream:
             raise CLIError(f"--{flag.replace('_', '-')} needs --stream")
         if value is not None and value < 1:
             raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    return family_options, _parse_device(args.device)
+    return family_options, options, _parse_device(args.device)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    family_options, device = _check_fit_args(args)
+    family_options, options, device = _check_fit_args(args)
     old_dtype = torch.get_default_dtype()
     # a no-op in a plain run; under torchrun: join the process group (gloo for --device cpu)
     distributed.init_from_env(backend="gloo" if device == "cpu" else None)
     try:
         torch.set_default_dtype(DTYPES[args.dtype])  # before the table is read
-        code = _fit(args, family_options, device)
+        code = _fit(args, family_options, options, device)
         distributed.cleanup()  # waits for every process
         return code
     finally:
@@ -411,17 +427,19 @@ def _split_streamed(args: argparse.Namespace) -> tuple[StreamingUnits, EFAData |
     return train, val_mem, test_mem, text
 
 
-def _fit(args: argparse.Namespace, family_options: dict[str, dict[str, Any]], device: str | None) -> int:
-    main_rank, world = distributed.is_main(), distributed.world_size()
+def _say(text: str) -> None:
+    if distributed.is_main():
+        print(text, flush=True)
 
-    def say(text: str) -> None:
-        if main_rank:
-            print(text, flush=True)
 
-    def warn(text: str) -> None:
-        if main_rank:
-            _warn(text)
-
+def _fit(
+    args: argparse.Namespace,
+    family_options: dict[str, dict[str, Any]],
+    options: FitOptions,
+    device: str | None,
+) -> int:
+    """``pyro-efa fit`` in steps: the data and its split, the model, the fit, the files."""
+    world = distributed.world_size()
     if world > 1 and device is not None and device.startswith("cuda"):
         if ":" in device:
             raise CLIError(
@@ -431,104 +449,117 @@ def _fit(args: argparse.Namespace, family_options: dict[str, dict[str, Any]], de
     out = Path(args.out)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir is not None else out / "checkpoint"
     _check_out_dir(out, args.force, checkpoint_dir)
+    train, val, test, described = _split_streamed(args) if args.stream else _split_in_memory(args)
+    use_val = _check_parts(args, train, val, test)
+    model = _build_model(args, train, (train, val, test), family_options)
+    _say(described)
+    how = "unit hash" if args.stream else "unit"
+    counts = [len(part) if part is not None else 0 for part in (train, val, test)]
+    _say(
+        f"split by {how} (seed {args.seed}): {counts[0]} train, {counts[1]} validation, "
+        f"{counts[2]} test units"
+    )
+    if world > 1:
+        _say(
+            f"data parallel: {world} processes x --batch-size {args.batch_size} = global batch "
+            f"{world * args.batch_size} units ({distributed.describe()})"
+        )
+    _announce_checkpoint(args, checkpoint_dir / CHECKPOINT_NAME)
+    try:
+        fitted = fit(
+            model, train, guide=args.guide, val_data=val if use_val else None, options=options,
+            progress=not args.no_progress and distributed.is_main(),
+            checkpoint_dir=checkpoint_dir if args.checkpoint_every or args.resume else None,
+            resume=args.resume, device=device,
+        )  # fmt: skip
+    except (ValueError, FloatingPointError) as e:
+        if "nan" not in str(e).lower() and not isinstance(e, FloatingPointError):
+            raise
+        raise CLIError(f"training diverged (lower --lr, now {args.lr}): {_one_line(e)}") from e
+    if not distributed.is_main():
+        return 0
+    assert test is not None
+    metrics = evaluate(fitted, test)
+    replacing = (out / "config.json").is_file()
+    save(fitted, out)
+    _write_split(args, out, train, val, test)
+    _write_json(out / "metrics.json", _fit_summary(args, fitted, metrics, counts, device, world))
+    parallel = f", {world} processes (global batch {args.batch_size * world})" if world > 1 else ""
+    print(
+        f"fit: {'EFE' if args.efe else 'EFA'} {args.direction}, guide {args.guide}, {len(fitted.losses)} "
+        f"epochs (best {fitted.best_epoch}), {fitted.seconds:.1f} s{parallel}"
+    )
+    print(f"{'replaced the fit in' if replacing else 'saved to'} '{out}' (with split.json, metrics.json)")
+    print(f"test metrics ({len(test)} units, {metrics['num_observations']} observations):")
+    print("\n".join(_metric_lines(metrics)))
+    return 0
 
-    train: EFAData | StreamingUnits
-    val: EFAData | None
-    test: EFAData | None
-    if args.stream:
-        train, val, test, described = _split_streamed(args)
-    else:
-        train, val, test, described = _split_in_memory(args)
-    family = _resolve_family(args, train)  # the parts share the vocabularies of the whole table
-    model_families = [family] if isinstance(family, str) else list((family or {}).values())
-    names = ("train", "validation", "test")
+
+def _check_parts(args: argparse.Namespace, train: Any, val: EFAData | None, test: EFAData | None) -> bool:
+    """Refuse empty train / test parts; whether there are validation units."""
     for part, name in ((train, "train"), (test, "test")):
         if part is None or len(part) == 0 or part.num_observations == 0:
             raise CLIError(
                 f"the {name} split is empty (--split {' '.join(map(str, args.split))}); "
                 "use more units or larger fractions"
             )
-    assert test is not None
     use_val = val is not None and len(val) > 0 and val.num_observations > 0
-    counts = [len(part) if part is not None else 0 for part in (train, val, test)]
     if not use_val and args.lr_decay is not None:
         raise CLIError("--lr-decay reacts to the validation NLL, but the split has no validation units")
-    if not use_val:
-        warn("no validation units: no early stopping, all --epochs run and the last state is kept")
+    if not use_val and distributed.is_main():
+        _warn("no validation units: no early stopping, all --epochs run and the last state is kept")
+    return use_val
 
-    # room for every unit of the table, held-out ones included
-    max_len = max(max(part.max_len for part in (train, val, test) if part is not None), 1)
-    kwargs: dict[str, Any] = {"direction": args.direction, "dim": args.dim}
+
+def _build_model(
+    args: argparse.Namespace, train: Any, parts: tuple[Any, ...], family_options: dict[str, dict[str, Any]]
+) -> EFA:
+    """The model of the options, sized for the training units (and every unit of the table)."""
+    family = _resolve_family(args, train)  # the parts share the vocabularies of the whole table
+    fields: dict[str, Any] = {"direction": args.direction, "dim": args.dim}
     if isinstance(train, StreamingUnits):
-        kwargs.update(train.model_kwargs())  # value moments over every shard
-    kwargs["max_len"] = max_len
+        fields.update(train.model_overrides())  # value moments over every shard
+    fields["max_len"] = max(max(part.max_len for part in parts if part is not None), 1)  # held-out units too
     if args.no_standardize:
-        kwargs["standardize"] = False
+        fields["standardize"] = False
+    if family is not None:
+        fields["family"] = family
     if family_options:
-        used = set(model_families) if train.kind == "valued" else {"categorical"}
+        families = [family] if isinstance(family, str) else list((family or {}).values())
+        used = set(families) if train.kind == "valued" else {"categorical"}
         unused = sorted(set(family_options) - used)
-        if unused:
-            warn(f"--family-option for {', '.join(unused)}, which no key uses: ignored")
-        kwargs["family_options"] = family_options
+        if unused and distributed.is_main():
+            _warn(f"--family-option for {', '.join(unused)}, which no key uses: ignored")
+        fields["family_options"] = {k: v for k, v in family_options.items() if k in used}
+    if args.efe:
+        config = EFAConfig.efe(train.kind, **fields)
+    else:
+        config = EFAConfig(num_layers=args.layers, num_heads=args.heads, **fields)
     sample = train.sample() if isinstance(train, StreamingUnits) else train
-    pyro.set_rng_seed(args.seed)  # the network's initial weights (the same in every process)
-    try:
-        if args.efe:
-            model = EFA.efe(sample, family=family, **kwargs)
-        else:
-            model = EFA.from_data(
-                sample, family=family, num_layers=args.layers, num_heads=args.heads, **kwargs
-            )
-    except TypeError as e:  # an option the family does not take
-        if not family_options:
-            raise
-        raise CLIError(f"--family-option: {_one_line(e)}") from e
-    say(described)
-    how = "unit hash" if args.stream else "unit"
-    say(
-        f"split by {how} (seed {args.seed}): {counts[0]} train, {counts[1]} validation, "
-        f"{counts[2]} test units"
-    )
-    if world > 1:
-        say(
-            f"data parallel: {world} processes x --batch-size {args.batch_size} = global batch "
-            f"{world * args.batch_size} units ({distributed.describe()})"
-        )
-    checkpoint_file = checkpoint_dir / CHECKPOINT_NAME
-    use_checkpoints = bool(args.checkpoint_every) or args.resume
+    pyro.set_rng_seed(args.seed)  # the network's initial weights (fit draws them again from the seed)
+    return EFA.from_data(sample, config)
+
+
+def _announce_checkpoint(args: argparse.Namespace, checkpoint_file: Path) -> None:
     if args.resume:
         if checkpoint_file.is_file():
-            say(f"resuming from '{checkpoint_file}'")
-        else:
-            warn(f"--resume: no checkpoint at '{checkpoint_file}'; starting a new fit")
-    elif args.checkpoint_every and checkpoint_file.is_file():
-        warn(
+            _say(f"resuming from '{checkpoint_file}'")
+        elif distributed.is_main():
+            _warn(f"--resume: no checkpoint at '{checkpoint_file}'; starting a new fit")
+    elif args.checkpoint_every and checkpoint_file.is_file() and distributed.is_main():
+        _warn(
             f"'{checkpoint_file}' holds the checkpoint of an earlier fit; starting a new fit that "
             "overwrites it (pass --resume to continue that fit instead)"
         )
-    try:
-        fitted = fit(
-            model, train, guide=args.guide, val_data=val if use_val else None, num_epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay, lr_patience=args.lr_patience,
-            patience=args.patience, seed=args.seed, progress=not args.no_progress and main_rank,
-            checkpoint_dir=checkpoint_dir if use_checkpoints else None,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, device=device,
-        )  # fmt: skip
-    except (ValueError, FloatingPointError) as e:
-        if "nan" not in str(e).lower() and not isinstance(e, FloatingPointError):
-            raise
-        raise CLIError(f"training diverged (lower --lr, now {args.lr}): {_one_line(e)}") from e
-    if not main_rank:
-        return 0
-    metrics = evaluate(fitted, test)
 
-    replacing = (out / "config.json").is_file()
-    save(fitted, out)
-    unit_col = train.columns["unit"]
+
+def _write_split(args: argparse.Namespace, out: Path, train: Any, val: EFAData | None, test: EFAData) -> None:
+    """``split.json``: which units went where (for a streamed fit, the hash rule of the training
+    units and the held-out units listed)."""
     split: dict[str, Any] = {
         "format": SPLIT_FORMAT,
         "data": str(args.data),
-        "unit_column": unit_col,
+        "unit_column": train.columns["unit"],
         "seed": args.seed,
         "fractions": list(args.split),
         "ties": args.ties,
@@ -543,45 +574,43 @@ def _fit(args: argparse.Namespace, family_options: dict[str, dict[str, Any]], de
         split["assignment"] = {
             "method": "hash",
             "rule": "a unit goes to part p (0 train, 1 validation, 2 test) when bounds[p-1] <= "
-            "h < bounds[p] (bounds[-1] = 0), h = pyro_efa.streaming._unit_hash(label, seed) in "
+            "h < bounds[p] (bounds[-1] = 0), h = pyro_efa.streaming.unit_hash(label, seed) in "
             "[0, 1), computed on the unit column as read from the file",
             "bounds": bounds,
         }
         split["train"] = {"units": len(train), "listed": False}
-        split.update(held_out)
     else:
         split["train"] = [_json_label(x) for x in train.unit_labels]
-        split.update(held_out)
+    split.update(held_out)
     _write_json(out / "split.json", split)
-    model_name = "EFE" if args.efe else "EFA"
-    summary = {
+
+
+def _fit_summary(
+    args: argparse.Namespace,
+    fitted: EFAFit,
+    metrics: dict[str, Any],
+    counts: list[int],
+    device: str | None,
+    world: int,
+) -> dict[str, Any]:
+    return {
         "test": metrics,
-        "model": model_name,
+        "model": "EFE" if args.efe else "EFA",
         "direction": args.direction,
         "guide": args.guide,
         "epochs": len(fitted.losses),
         "best_epoch": fitted.best_epoch,
         "seconds": fitted.seconds,
         "best_validation_nll": min(fitted.val_nll) if fitted.val_nll else None,
-        "units": dict(zip(names, counts, strict=True)),
+        "units": dict(zip(("train", "validation", "test"), counts, strict=True)),
         "dtype": args.dtype,
         "device": device or "cpu",
         "processes": world,
         "batch_size": args.batch_size,
         "global_batch_size": args.batch_size * world,
+        "threads": args.threads,
         "stream": bool(args.stream),
     }
-    _write_json(out / "metrics.json", summary)
-
-    parallel = f", {world} processes (global batch {args.batch_size * world})" if world > 1 else ""
-    print(
-        f"fit: {model_name} {args.direction}, guide {args.guide}, {len(fitted.losses)} epochs "
-        f"(best {fitted.best_epoch}), {fitted.seconds:.1f} s{parallel}"
-    )
-    print(f"{'replaced the fit in' if replacing else 'saved to'} '{out}' (with split.json, metrics.json)")
-    print(f"test metrics ({len(test)} units, {metrics['num_observations']} observations):")
-    print("\n".join(_metric_lines(metrics)))
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -705,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    _add_demo(sub)
+    _add_fit(sub)
+    _add_evaluate_predict(sub)
+    return parser
+
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="the paper's synthetic ratings experiment (EFA vs EFE, uni and bi)",
@@ -718,6 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
 
+
+def _add_fit(sub: Any) -> None:
     f = sub.add_parser(
         "fit",
         help="fit EFA to a long table (CSV or Parquet) and save the fit",
@@ -759,10 +797,39 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="directory to save the fit in")
     f.add_argument("--force", action="store_true", help="write into a non-empty --out without a fit")
     f.add_argument("--efe", action="store_true", help="the EFE baseline (--layers and --heads ignored)")
-    f.add_argument("--guide", choices=("map", "normal", "lowrank"), default="map", help="default map")
+    f.add_argument("--guide", choices=tuple(GUIDES), default="map", help="a guide by name (default map)")
     f.add_argument("--dim", type=int, default=32, help="embedding width (default 32)")
     f.add_argument("--layers", type=int, default=2, help="attention layers (default 2)")
     f.add_argument("--heads", type=int, default=2, help="heads per layer (default 2)")
+    _add_training(f)
+    g = f.add_argument_group("checkpoints")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="write a checkpoint every K optimizer steps (default 0: none)",
+    )
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default OUT/checkpoint)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint (same data and options); without one, start a new fit",
+    )
+    st = f.add_argument_group("streaming (data larger than memory)")
+    st.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the training units from disk shard by shard; the split is by a seeded hash of "
+        "the unit label (about, not exactly, --split), validation and test units are held in memory",
+    )
+    st.add_argument("--shard-rows", type=int, metavar="N", help="rows per shard (default 2000000)")
+    st.add_argument("--chunk-rows", type=int, metavar="N", help="rows read at a time (default 1000000)")
+    f.set_defaults(handler=_cmd_fit)
+
+
+def _add_training(f: argparse.ArgumentParser) -> None:
+    """The training options of ``pyro-efa fit`` (the fields of :class:`~pyro_efa.FitOptions`)."""
     f.add_argument("--epochs", type=int, default=100, help="most epochs (default 100)")
     f.add_argument(
         "--batch-size",
@@ -807,31 +874,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DEVICE",
         help="cpu, cuda or cuda:N (default: cpu; under torchrun with CUDA: GPU LOCAL_RANK)",
     )
-    g = f.add_argument_group("checkpoints")
-    g.add_argument(
-        "--checkpoint-every",
+    f.add_argument(
+        "--threads",
         type=int,
-        default=0,
-        metavar="K",
-        help="write a checkpoint every K optimizer steps (default 0: none)",
+        default=FitOptions.threads,
+        help=f"torch threads while fitting (default {FitOptions.threads}: chosen by measurement, see "
+        "benchmarks/results/speed.md; more threads help little on small models and slow a fit down "
+        "badly beside other busy processes)",
     )
-    g.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default OUT/checkpoint)")
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the checkpoint (same data and options); without one, start a new fit",
-    )
-    st = f.add_argument_group("streaming (data larger than memory)")
-    st.add_argument(
-        "--stream",
-        action="store_true",
-        help="read the training units from disk shard by shard; the split is by a seeded hash of "
-        "the unit label (about, not exactly, --split), validation and test units are held in memory",
-    )
-    st.add_argument("--shard-rows", type=int, metavar="N", help="rows per shard (default 2000000)")
-    st.add_argument("--chunk-rows", type=int, metavar="N", help="rows read at a time (default 1000000)")
-    f.set_defaults(handler=_cmd_fit)
 
+
+def _add_evaluate_predict(sub: Any) -> None:
     units_help = "test: the fit's test units (from split.json, default); all: every unit of the file"
     e = sub.add_parser(
         "evaluate",
@@ -859,7 +912,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--head", type=int, default=10, help="rows printed without --out (default 10)")
     p.set_defaults(handler=_cmd_predict)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

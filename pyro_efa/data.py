@@ -17,6 +17,7 @@ Two kinds of data:
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
+from .errors import InputError
 
 __all__ = ["EFAData", "PrecisionWarning", "Vocabulary"]
 
@@ -56,7 +59,7 @@ class Vocabulary:
         if missing.any():
             if not self.oov:
                 unknown = pd.unique(np.asarray(list(labels), dtype=object)[missing])
-                raise ValueError(
+                raise InputError(
                     f"column {column!r}: {len(unknown)} value(s) not in the fitted vocabulary, "
                     f"e.g. {unknown[:5].tolist()}; refit, drop these rows, or build the data with "
                     "oov=True to map them to an explicit out-of-vocabulary row"
@@ -75,6 +78,28 @@ class Vocabulary:
         labels = [tuple(x) if isinstance(x, list) else x for x in d["labels"]]
         feats = None if d["features"] is None else torch.tensor(d["features"], dtype=torch.float64)
         return cls(labels=labels, features=feats, oov=bool(d["oov"]))
+
+
+def data_schema(data: Any) -> dict[str, Any]:
+    """What a fit keeps of its training data: its kind, column names and vocabularies."""
+    return {"kind": data.kind, "columns": data.columns, "keys": data.keys, "items": data.items}
+
+
+def schema_to_json(schema: dict[str, Any]) -> dict[str, Any]:
+    """:func:`data_schema` as JSON-serialisable values."""
+    items = schema["items"]
+    return {**schema, "keys": schema["keys"].to_dict(), "items": None if items is None else items.to_dict()}
+
+
+def schema_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    """The schema written by :func:`schema_to_json`."""
+    items = d["items"]
+    return {
+        "kind": d["kind"],
+        "columns": d["columns"],
+        "keys": Vocabulary.from_dict(d["keys"]),
+        "items": None if items is None else Vocabulary.from_dict(items),
+    }
 
 
 def _json_scalar(x: Any) -> Any:
@@ -148,120 +173,49 @@ class EFAData:
         :raises ValueError: for a missing column, an empty table, NaN / inf / non-numeric values,
             duplicate order values (with ``ties="error"``), or keys not in ``keys``.
         """
-        if not isinstance(df, pd.DataFrame):
-            raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
         key_cols = [key] if isinstance(key, str) else list(key or [])
-        if not key_cols:
-            raise ValueError("a key column is required (for item sequences: the item column)")
-        if ties not in ("error", "keep"):
-            raise ValueError(f"ties must be 'error' or 'keep', got {ties!r}")
-        needed = [unit, *key_cols] + [c for c in (value, order, context) if c is not None]
-        missing = [c for c in needed if c not in df.columns]
-        if missing:
-            raise ValueError(f"column(s) {missing} not in the table; it has {list(df.columns)}")
-        if len(df) == 0:
-            raise ValueError("the table is empty: no observations to build units from")
+        columns: dict[str, Any] = {
+            "unit": unit, "key": key_cols, "value": value, "order": order, "context": context,
+        }  # fmt: skip
+        _check_table(df, columns, ties)
         kind = "valued" if value is not None else "items"
-        if kind == "items" and len(key_cols) != 1:
-            raise ValueError("item sequences take exactly one item column as key")
-        for c in (unit, *key_cols):
-            if df[c].isna().any():
-                row = df.index[df[c].isna().to_numpy()][0]
-                raise ValueError(f"column {c!r} has a missing value (row {_json_scalar(row)!r})")
-        duplicated = sorted({c for c in needed if isinstance(df[c], pd.DataFrame)}, key=str)
-        if duplicated:
-            raise ValueError(f"column name(s) {duplicated} appear more than once in the table")
-
         # Vectorised throughout (no per-row Python objects, no copy of the table): 10 million rows
         # take seconds. Units are numbered in sorted label order, rows ordered within each unit.
-        n = len(df)
         unit_codes, unit_labels = _factorize_sorted(df[unit], unit)
-        num_units = len(unit_labels)
-        if order is not None:
-            _check_numeric(df, order, unit)
-            order_values = _sortable(df[order])
-            perm = np.lexsort((order_values, unit_codes))  # stable: ties keep the row order
-            codes = unit_codes[perm]
-            if ties == "error":
-                ordered = order_values[perm]
-                dup = (codes[1:] == codes[:-1]) & (ordered[1:] == ordered[:-1])
-                if dup.any():
-                    i = int(np.argmax(dup))
-                    raise ValueError(
-                        f"unit {_json_scalar(unit_labels[codes[i]])!r} has several observations with "
-                        f"{order!r} = {_json_scalar(ordered[i])!r}; their order is ambiguous (pass "
-                        "ties='keep' to keep the row order, or drop duplicates)"
-                    )
-        else:
-            perm = np.argsort(unit_codes, kind="stable")
-            codes = unit_codes[perm]
+        perm, codes = _order_rows(df, unit, unit_codes, unit_labels, order, ties)
         del unit_codes
-        lengths = np.bincount(codes, minlength=num_units)
-        starts = np.cumsum(lengths) - lengths
-        pos = np.arange(n, dtype=np.int64) - starts[codes]
-        max_len = int(lengths.max())
-
-        columns: dict[str, Any] = {
-            "unit": unit,
-            "key": key_cols,
-            "value": value,
-            "order": order,
-            "context": context,
-        }
         item_vocab = None
-        dtype = torch.get_default_dtype()
         if kind == "items":
-            item_col = key_cols[0]
-            row_codes, uniques = _factorize_rows(df, key_cols)
-            if items is None:
-                labels = sorted(uniques[item_col].tolist(), key=_sort_key)
-                if oov:
-                    labels.append(OOV_LABEL)
-                items = Vocabulary(labels=labels, oov=oov)
-            vals = items.lookup(uniques[item_col].tolist(), item_col)[row_codes].astype(np.float64)
-            key_codes = np.zeros(n, dtype=np.int64)
-            item_vocab = items
-            if keys is None:
-                keys = Vocabulary(labels=["position"])
+            vals, key_codes, keys, item_vocab = _encode_items(df, key_cols[0], keys, items, oov)
         else:
             assert value is not None
-            vals = _check_numeric(df, value, unit)
-            limit = torch.finfo(dtype).max
-            huge = np.abs(vals) > limit
-            if huge.any():
-                i = int(np.flatnonzero(huge)[0])
-                raise ValueError(
-                    f"column {value!r} has {int(huge.sum())} value(s) beyond the range of {dtype} "
-                    f"(+-{limit:.3g}), first in unit {_json_scalar(df[unit].iloc[i])!r} (value "
-                    f"{vals[i]!r}); rescale them or use torch.set_default_dtype(torch.float64)"
-                )
-            _warn_precision(vals, value, dtype)
-            row_codes, uniques = _factorize_rows(df, key_cols)
-            if len(key_cols) > 1:  # coordinates: features of a key MLP, so they must be finite
-                for c in key_cols:
-                    u = uniques[c]
-                    if pd.api.types.is_numeric_dtype(u) and not np.isfinite(u.to_numpy(np.float64)).all():
-                        raise ValueError(f"key column {c!r} has inf values; multi-column keys must be finite")
-            if keys is None:
-                keys = _build_key_vocab(uniques, key_cols, oov)
-            labels_in = (
-                uniques[key_cols[0]].tolist()
-                if len(key_cols) == 1
-                else list(uniques.itertuples(index=False, name=None))
-            )
-            key_codes = keys.lookup(labels_in, ", ".join(key_cols))[row_codes]
-            del row_codes
+            vals = _numeric_values(df, value, unit)
+            key_codes, keys = _encode_keys(df, key_cols, keys, oov)
+        is_target = None if context is None else ~_context_column(df, context)
+        return cls._padded(
+            kind, codes, perm, key_codes, vals, is_target, len(unit_labels),
+            keys=keys, items=item_vocab, unit_labels=list(unit_labels), columns=columns,
+        )  # fmt: skip
 
-        is_target = None
-        if context is not None:
-            col = df[context]
-            if not pd.api.types.is_bool_dtype(col) or col.isna().any():
-                raise ValueError(
-                    f"context column {context!r} must be boolean without missing values (True = context only)"
-                )
-            is_target = ~col.to_numpy(dtype=bool)
-
-        shape = (num_units, max_len)
+    @classmethod
+    def _padded(
+        cls,
+        kind: str,
+        codes: np.ndarray,
+        perm: np.ndarray,
+        key_codes: np.ndarray,
+        vals: np.ndarray,
+        is_target: np.ndarray | None,
+        num_units: int,
+        **fields: Any,
+    ) -> EFAData:
+        # rows (in table order) to padded (units, positions) tensors; ``codes`` are the unit codes
+        # of the rows in the order ``perm`` that sorts them by unit and order
+        lengths = np.bincount(codes, minlength=num_units)
+        starts = np.cumsum(lengths) - lengths
+        pos = np.arange(len(codes), dtype=np.int64) - starts[codes]
+        shape = (num_units, int(lengths.max()))
+        dtype = torch.get_default_dtype()
         np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype, np.float64)
         key_index = np.zeros(shape, dtype=np.int64)
         values = np.zeros(shape, dtype=np_dtype)
@@ -269,10 +223,8 @@ class EFAData:
         key_index[codes, pos] = key_codes[perm]
         values[codes, pos] = vals[perm]  # float64 -> default dtype, rounded to nearest
         mask[codes, pos] = True
-        if is_target is None:
-            target = mask.copy()
-        else:
-            target = np.zeros(shape, dtype=bool)
+        target = mask.copy()
+        if is_target is not None:
             target[codes, pos] = is_target[perm]
         return cls(
             kind=kind,
@@ -282,10 +234,7 @@ class EFAData:
             target=torch.from_numpy(target),
             unit_index=torch.arange(num_units),
             num_units=num_units,
-            keys=keys,
-            items=item_vocab,
-            unit_labels=list(unit_labels),
-            columns=columns,
+            **fields,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -340,7 +289,7 @@ class EFAData:
         """
         total = float(sum(fractions))
         if any(f < 0 for f in fractions) or total <= 0:
-            raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
+            raise InputError(f"fractions must be non-negative with a positive sum, got {fractions}")
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         sizes = [int(len(self) * f / total) for f in fractions[:-1]]
         sizes.append(len(self) - sum(sizes))
@@ -376,6 +325,22 @@ class EFAData:
         for b in batches:
             yield self.subset(b)
 
+    def key_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Count, sum and sum of squares of each key's values (every observation, context-only
+        ones included), float64 arrays with one entry per key: what :func:`key_moments` needs,
+        and what shards of a streamed table add up."""
+        keys = self.key_index[self.mask].numpy()
+        x = self.values[self.mask].double().numpy()
+        num_keys = len(self.keys)
+        n = np.bincount(keys, minlength=num_keys).astype(np.float64)
+        s1 = np.bincount(keys, weights=x, minlength=num_keys)
+        s2 = np.bincount(keys, weights=x * x, minlength=num_keys)
+        return n, s1, s2
+
+    def value_moments(self) -> tuple[list[float], list[float]]:
+        """Mean and standard deviation of each key's values, from :func:`key_moments`."""
+        return key_moments(*self.key_sums())
+
     def to(self, device: torch.device | str) -> EFAData:
         """A copy with tensors on ``device``."""
         return dataclasses.replace(
@@ -404,8 +369,142 @@ class EFAData:
         return out
 
 
-def _sort_key(x: Any) -> tuple[str, Any]:
-    # sort mixed label types deterministically (numbers before strings)
+def _check_table(df: pd.DataFrame, columns: dict[str, Any], ties: str) -> None:
+    """The checks of :meth:`EFAData.from_pandas` that need no conversion of the values."""
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    key_cols = columns["key"]
+    if not key_cols:
+        raise InputError("a key column is required (for item sequences: the item column)")
+    if ties not in ("error", "keep"):
+        raise InputError(f"ties must be 'error' or 'keep', got {ties!r}")
+    needed = [columns["unit"], *key_cols] + [
+        c for c in (columns["value"], columns["order"], columns["context"]) if c is not None
+    ]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise InputError(f"column(s) {missing} not in the table; it has {list(df.columns)}")
+    if len(df) == 0:
+        raise InputError("the table is empty: no observations to build units from")
+    if columns["value"] is None and len(key_cols) != 1:
+        raise InputError("item sequences take exactly one item column as key")
+    for c in (columns["unit"], *key_cols):
+        if df[c].isna().any():
+            row = df.index[df[c].isna().to_numpy()][0]
+            raise InputError(f"column {c!r} has a missing value (row {_json_scalar(row)!r})")
+    duplicated = sorted({c for c in needed if isinstance(df[c], pd.DataFrame)}, key=str)
+    if duplicated:
+        raise InputError(f"column name(s) {duplicated} appear more than once in the table")
+
+
+def _order_rows(
+    df: pd.DataFrame,
+    unit: str,
+    unit_codes: np.ndarray,
+    unit_labels: pd.Index,
+    order: str | None,
+    ties: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The permutation sorting the rows by unit (then ``order``, stable) and the unit code of each
+    sorted row; with ``ties="error"`` two rows of a unit with the same order value are refused."""
+    if order is None:
+        perm = np.argsort(unit_codes, kind="stable")
+        return perm, unit_codes[perm]
+    _check_numeric(df, order, unit)
+    order_values = _sortable(df[order])
+    perm = np.lexsort((order_values, unit_codes))  # stable: ties keep the row order
+    codes = unit_codes[perm]
+    if ties == "error":
+        ordered = order_values[perm]
+        dup = (codes[1:] == codes[:-1]) & (ordered[1:] == ordered[:-1])
+        if dup.any():
+            i = int(np.argmax(dup))
+            raise InputError(
+                f"unit {_json_scalar(unit_labels[codes[i]])!r} has several observations with "
+                f"{order!r} = {_json_scalar(ordered[i])!r}; their order is ambiguous (pass "
+                "ties='keep' to keep the row order, or drop duplicates)"
+            )
+    return perm, codes
+
+
+def _encode_items(
+    df: pd.DataFrame, item_col: str, keys: Vocabulary | None, items: Vocabulary | None, oov: bool
+) -> tuple[np.ndarray, np.ndarray, Vocabulary, Vocabulary]:
+    """Item sequences: the item index of each row as its value, key 0 (the position) for all."""
+    row_codes, uniques = _factorize_rows(df, [item_col])
+    if items is None:
+        labels = sorted(uniques[item_col].tolist(), key=label_sort_key)
+        if oov:
+            labels.append(OOV_LABEL)
+        items = Vocabulary(labels=labels, oov=oov)
+    vals = items.lookup(uniques[item_col].tolist(), item_col)[row_codes].astype(np.float64)
+    return vals, np.zeros(len(df), dtype=np.int64), keys or Vocabulary(labels=["position"]), items
+
+
+def _numeric_values(df: pd.DataFrame, value: str, unit: str) -> np.ndarray:
+    """The value column as float64, refused when non-numeric, NaN / inf or beyond the default
+    dtype's range, with a warning when storing it rounds it much."""
+    vals = _check_numeric(df, value, unit)
+    dtype = torch.get_default_dtype()
+    limit = torch.finfo(dtype).max
+    huge = np.abs(vals) > limit
+    if huge.any():
+        i = int(np.flatnonzero(huge)[0])
+        raise InputError(
+            f"column {value!r} has {int(huge.sum())} value(s) beyond the range of {dtype} "
+            f"(+-{limit:.3g}), first in unit {_json_scalar(df[unit].iloc[i])!r} (value "
+            f"{vals[i]!r}); rescale them or use torch.set_default_dtype(torch.float64)"
+        )
+    _warn_precision(vals, value, dtype)
+    return vals
+
+
+def _encode_keys(
+    df: pd.DataFrame, key_cols: list[str], keys: Vocabulary | None, oov: bool
+) -> tuple[np.ndarray, Vocabulary]:
+    """The key index of each row, in ``keys`` or a vocabulary built from the table."""
+    row_codes, uniques = _factorize_rows(df, key_cols)
+    if len(key_cols) > 1:  # coordinates: features of a key MLP, so they must be finite
+        for c in key_cols:
+            u = uniques[c]
+            if pd.api.types.is_numeric_dtype(u) and not np.isfinite(u.to_numpy(np.float64)).all():
+                raise InputError(f"key column {c!r} has inf values; multi-column keys must be finite")
+    if keys is None:
+        keys = _build_key_vocab(uniques, key_cols, oov)
+    labels_in = (
+        uniques[key_cols[0]].tolist()
+        if len(key_cols) == 1
+        else list(uniques.itertuples(index=False, name=None))
+    )
+    return keys.lookup(labels_in, ", ".join(key_cols))[row_codes], keys
+
+
+def _context_column(df: pd.DataFrame, context: str) -> np.ndarray:
+    col = df[context]
+    if not pd.api.types.is_bool_dtype(col) or col.isna().any():
+        raise InputError(
+            f"context column {context!r} must be boolean without missing values (True = context only)"
+        )
+    return col.to_numpy(dtype=bool)
+
+
+def key_moments(n: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation of each key's values from their count ``n``, sum ``s1`` and
+    sum of squares ``s2`` (float64 arrays, one entry per key). Keys with fewer than two values, or
+    no spread, get the pooled moments of all keys; a standard deviation is at least 1e-6."""
+    total = max(float(n.sum()), 1.0)
+    pooled_mean = float(s1.sum()) / total
+    pooled_std = max(math.sqrt(max(float(s2.sum()) / total - pooled_mean**2, 0.0)), 1e-6)
+    mean = s1 / np.maximum(n, 1)
+    std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0.0))
+    few = n < 2
+    mean = np.where(few, pooled_mean, mean)
+    std = np.where(few | (std < 1e-6), pooled_std, std)
+    return mean.tolist(), np.maximum(std, 1e-6).tolist()
+
+
+def label_sort_key(x: Any) -> tuple[str, Any]:
+    """Sorts labels of mixed types deterministically (numbers before strings)."""
     return (type(x).__name__, x)
 
 
@@ -438,8 +537,8 @@ def _factorize_sorted(series: pd.Series, column: str) -> tuple[np.ndarray, pd.In
         try:
             codes, labels = pd.factorize(series)
         except TypeError as e:
-            raise ValueError(f"column {column!r} holds values that cannot be labels ({e})") from e
-        order = sorted(range(len(labels)), key=lambda i: _sort_key(labels[i]))
+            raise InputError(f"column {column!r} holds values that cannot be labels ({e})") from e
+        order = sorted(range(len(labels)), key=lambda i: label_sort_key(labels[i]))
         rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(len(order))
         codes, labels = rank[codes], labels[order]
@@ -458,7 +557,7 @@ def _factorize_rows(df: pd.DataFrame, cols: list[str]) -> tuple[np.ndarray, pd.D
             table = uniques.to_frame(index=False)
             table.columns = cols
     except TypeError as e:  # unhashable values such as lists
-        raise ValueError(f"column(s) {cols} hold values that cannot be labels ({e})") from e
+        raise InputError(f"column(s) {cols} hold values that cannot be labels ({e})") from e
     return np.asarray(codes, dtype=np.int64), table
 
 
@@ -472,14 +571,14 @@ def _sortable(series: pd.Series) -> np.ndarray:
 def _check_numeric(df: pd.DataFrame, column: str, unit: str) -> np.ndarray:
     series = df[column]
     if not (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
-        raise ValueError(f"column {column!r} must be numeric, got dtype {series.dtype}")
+        raise InputError(f"column {column!r} must be numeric, got dtype {series.dtype}")
     if pd.api.types.is_complex_dtype(series):
-        raise ValueError(f"column {column!r} holds complex numbers; it must be real")
+        raise InputError(f"column {column!r} holds complex numbers; it must be real")
     x = series.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(x)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
+        raise InputError(
             f"column {column!r} has {int(bad.sum())} NaN/inf value(s), first in unit "
             f"{_json_scalar(df[unit].iloc[i])!r} (value {_json_scalar(x[i])!r}); drop or impute them"
         )
@@ -489,12 +588,12 @@ def _check_numeric(df: pd.DataFrame, column: str, unit: str) -> np.ndarray:
 def _build_key_vocab(df: pd.DataFrame, key_cols: list[str], oov: bool) -> Vocabulary:
     numeric = all(pd.api.types.is_numeric_dtype(df[c]) for c in key_cols)
     if len(key_cols) == 1:
-        labels = sorted(pd.unique(df[key_cols[0]]).tolist(), key=_sort_key)
+        labels = sorted(pd.unique(df[key_cols[0]]).tolist(), key=label_sort_key)
         feats = [[float(x)] for x in labels] if numeric else None
     else:
         if not numeric:
             bad = [c for c in key_cols if not pd.api.types.is_numeric_dtype(df[c])]
-            raise ValueError(f"multi-column keys must be numeric; non-numeric: {bad}")
+            raise InputError(f"multi-column keys must be numeric; non-numeric: {bad}")
         labels = sorted(set(df[key_cols].itertuples(index=False, name=None)))
         feats = [list(map(float, x)) for x in labels]
     if oov:

@@ -38,19 +38,16 @@ from typing import Any
 import matplotlib.ticker
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from pyro import poutine
-from pyro.distributions import MaskedDistribution
-from pyro.poutine.util import site_is_subsample
 
 from .data import EFAData
-from .infer import EFAFit
-from .model import EFA
-from .predictive import _index_batches, _unmask
+from .errors import InputError
+from .results import EFAFit
+from .scoring import Latents, Scorer, eval_mode, seeded
 
 with warnings.catch_warnings():
     # arviz 0.x announces its 1.x refactor with a FutureWarning once a day on import
@@ -70,95 +67,32 @@ __all__ = [
     "to_inference_data",
 ]
 
-Draw = dict[str, torch.Tensor]
-
 
 # ----------------------------------------------------------------------------------------------
-# drawing from the guide and the model
-def _units_frame_dim(efa: EFA, site: dict) -> int | None:
-    # the batch dim of a latent site inside the unit plate (a per-unit latent of a larger model)
-    for frame in site["cond_indep_stack"]:
-        if frame.name == efa.site_name("units"):
-            return frame.dim
-    return None
+# draws of one fit, all through the scoring path
+def _latent_draws(scorer: Scorer, num_samples: int) -> list[Latents]:
+    """The guide's draws: one (the point) for a point estimate, else ``num_samples``, all made
+    before any scoring (the draws of :func:`pyro_efa.log_likelihood` with the same seed)."""
+    if scorer.fit.point_estimate:
+        return [scorer.latents(plug_in=True)]
+    return scorer.latent_draws(num_samples)
 
 
-def _guide_draws(fitted: EFAFit, data: EFAData, num_samples: int) -> tuple[list[Draw], dict[str, int]]:
-    """``num_samples`` draws of the latent sites from the guide (auxiliary sites left out), and
-    the unit-plate dim of each per-unit site. Uses the current RNG state."""
-    draws: list[Draw] = []
-    unit_dims: dict[str, int] = {}
-    with torch.no_grad():
-        for _ in range(num_samples):
-            trace = poutine.trace(fitted.guide).get_trace(data)
-            draw = {}
-            for name, site in trace.nodes.items():
-                # plate subsample indices are sample sites too: conditioning a later batch on
-                # them would subsample the wrong units
-                if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
-                    continue
-                draw[name] = site["value"].detach()
-                dim = _units_frame_dim(fitted.efa, site)
-                if dim is not None:
-                    unit_dims[name] = dim
-            draws.append(draw)
-    return draws, unit_dims
-
-
-def _batch_draw(draw: Draw, unit_dims: Mapping[str, int], idx: torch.Tensor) -> Draw:
-    # per-unit latent values were drawn for all units of the data: keep those of the batch
-    return {k: v.index_select(unit_dims[k], idx) if k in unit_dims else v for k, v in draw.items()}
-
-
-def _simulate(
-    fitted: EFAFit, data: EFAData, draws: Sequence[Draw], unit_dims: Mapping[str, int], batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pointwise log-likelihood ``(S, U, L)`` of the observed targets and one posterior
-    predictive draw ``(S, U, L)`` of every target, under each latent draw (current RNG state).
-
-    One trace of the model per draw and batch with ``sample=True``: its observation sites hold
-    the conditional distributions (scored at the observed values) and the predictive draws.
-    """
-    efa = fitted.efa
-    shape = (len(draws), *data.values.shape)
-    loglik = torch.zeros(shape, dtype=data.values.dtype)
-    predictive = data.values.expand(shape).clone()
-    batches = list(_index_batches(data, batch_size))
-    with torch.no_grad():
-        for s, draw in enumerate(draws):
-            for idx, batch in batches:
-                conditioned = poutine.condition(fitted.model, data=_batch_draw(draw, unit_dims, idx))
-                trace = poutine.trace(conditioned).get_trace(batch, sample=True)
-                for f, name in enumerate(efa.observed_sites):
-                    if name not in trace.nodes:
-                        continue
-                    site, family = trace.nodes[name], efa.families[f]
-                    fn = site["fn"]
-                    m = fn._mask if isinstance(fn, MaskedDistribution) else batch.target & batch.mask
-                    width = m.size(-1)
-                    observed = family.as_observation(family.fill(batch.values, m))
-                    lp = _unmask(fn).log_prob(observed)
-                    loglik[s, idx, :width] += torch.where(m, lp, torch.zeros_like(lp))
-                    x = site["value"].to(predictive.dtype)
-                    predictive[s, idx, :width] = torch.where(m, x, predictive[s, idx, :width])
-    return loglik, predictive
-
-
-def _draws_of(fitted: EFAFit, data: EFAData, num_samples: int) -> tuple[list[Draw], dict[str, int]]:
-    if fitted.guide_type == "map":
-        # AutoDelta: every draw is the MAP; trace the guide once
-        draws, unit_dims = _guide_draws(fitted, data, 1)
-        return draws * num_samples, unit_dims
-    return _guide_draws(fitted, data, num_samples)
+def _predictive_draws(scorer: Scorer, latents: list[Latents], num_samples: int) -> torch.Tensor:
+    """``(S, U, L)`` posterior predictive draws: one per latent draw, or ``num_samples`` from the
+    one point of a point estimate."""
+    if len(latents) == 1 and num_samples > 1:
+        latents = latents * num_samples
+    return torch.stack([scorer.score(x, sample=True).draw for x in latents]).cpu()  # type: ignore[misc]
 
 
 def _check_chains(fits: Sequence[EFAFit]) -> None:
-    kinds = {f.guide_type for f in fits}
+    kinds = {f.guide_name for f in fits}
     if len(kinds) > 1:
-        raise ValueError(f"all chains must come from the same guide type, got {sorted(kinds)}")
-    configs = {repr(getattr(f.efa, "config", None)) for f in fits}
+        raise InputError(f"all chains must come from the same guide, got {sorted(kinds)}")
+    configs = {repr(f.efa.config) for f in fits}
     if len(configs) > 1:
-        raise ValueError("all chains must be fits of the same model configuration")
+        raise InputError("all chains must be fits of the same model configuration")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,74 +216,48 @@ def to_inference_data(
     fits = [fit, *(chains or [])]
     _check_chains(fits)
     if num_samples < 1:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
-    is_map = fit.guide_type == "map"
+        raise InputError(f"num_samples must be positive, got {num_samples}")
     u, p = _targets(data)
     if u.numel() == 0:
-        raise ValueError("the data has no modelled observations")
-
-    posterior: dict[str, list[np.ndarray]] = {}
-    loglik, predictive = [], []
-    for c, f in enumerate(fits):
-        f.efa.validate(data)
-        was_training = f.model.training
-        f.model.eval()
-        try:
-            with torch.random.fork_rng():
-                pyro.set_rng_seed(seed + c)
-                # the guide draws first, as pyro_efa.log_likelihood makes them, then the predictive
-                draws, unit_dims = _guide_draws(f, data, 1 if is_map else num_samples)
-                ll, pp = _simulate(f, data, draws, unit_dims, batch_size)
-                if is_map:
-                    _, pp = _simulate(f, data, draws * num_samples, unit_dims, batch_size)
-                if include_eta:
-                    eta = _natural_params(f, data, draws, unit_dims, batch_size)
-        finally:
-            f.model.train(was_training)
-        for name in draws[0]:
-            posterior.setdefault(name, []).append(torch.stack([d[name] for d in draws]).double().numpy())
-        if include_eta:
-            e = eta[:, u, p].double().numpy()
-            posterior.setdefault("eta", []).append(e[..., 0] if e.shape[-1] == 1 else e)
-        loglik.append(ll[:, u, p].double().numpy())
-        predictive.append(_observation_values(f, pp[:, u, p].numpy()))
-
-    dims, coords = _embedding_dims(fit)
-    dims = {k: v for k, v in dims.items() if k in posterior}
-    for name, frame_dim in unit_dims.items():
-        # per-unit latent sites (of a larger model): name the unit plate's dim
-        rank = posterior[name][0].ndim - 1
-        dims[name] = [f"{name}_dim_{i}" for i in range(rank)]
-        dims[name][rank + frame_dim] = "unit"
-        coords["unit"] = _label_array(data.unit_labels)
-    if include_eta:
-        dims["eta"] = ["obs"] if posterior["eta"][0].ndim == 2 else ["obs", "natural"]
-    obs_dims = {
-        "x": ["obs"],
-        "unit_index": ["obs"],
-        "key_index": ["obs"],
-        "position": ["obs"],
-        "family": ["obs"],
-    }
-    coords["obs"] = np.arange(u.numel())
+        raise InputError("the data has no modelled observations")
+    chain_draws = [
+        _chain(f, data, num_samples, seed + c, batch_size, include_eta) for c, f in enumerate(fits)
+    ]
+    point = fit.point_estimate
     attrs = {
-        "guide": fit.guide_type,
-        "point_estimate": int(is_map),
+        "guide": fit.guide_name,
+        "point_estimate": int(point),
         "num_fits": len(fits),
         "chains": "independent fits" if len(fits) > 1 else "one fit",
-        "posterior_predictive": "plug-in" if is_map else "guide draws",
+        "posterior_predictive": "plug-in" if point else "guide draws",
         "inference_library": "pyro_efa",
     }
+    return az.InferenceData(attrs=attrs, **_groups(fit, data, chain_draws, attrs))
+
+
+def _groups(
+    fit: EFAFit, data: EFAData, chain_draws: Sequence[Mapping[str, Any]], attrs: Mapping[str, Any]
+) -> dict[str, xr.Dataset]:
+    """The groups of :func:`to_inference_data` from the draws of each chain."""
+    u, p = _targets(data)
+    posterior = {k: np.stack([d["posterior"][k] for d in chain_draws]) for k in chain_draws[0]["posterior"]}
+    dims, coords = _posterior_dims(fit, data, chain_draws[0]["units"], posterior)
+    coords["obs"] = np.arange(u.numel())
+    obs_dims = {name: ["obs"] for name in ("x", "unit_index", "key_index", "position", "family")}
 
     def dataset(values: Mapping[str, Any], default_dims: list[str] | None = None) -> xr.Dataset:
         return az.dict_to_dataset(
-            dict(values), coords=coords, dims={**dims, **obs_dims}, default_dims=default_dims, attrs=attrs
+            dict(values),
+            coords=coords,
+            dims={**dims, **obs_dims},
+            default_dims=default_dims,
+            attrs=dict(attrs),
         )
 
     groups = {
-        "posterior": dataset({k: np.stack(v) for k, v in posterior.items()}),
-        "log_likelihood": dataset({"x": np.stack(loglik)}),
-        "posterior_predictive": dataset({"x": np.stack(predictive)}),
+        "posterior": dataset(posterior),
+        "log_likelihood": dataset({"x": np.stack([d["loglik"] for d in chain_draws])}),
+        "posterior_predictive": dataset({"x": np.stack([d["predictive"] for d in chain_draws])}),
         "observed_data": dataset({"x": _observation_values(fit, data.values[u, p].numpy())}, []),
         "constant_data": dataset(
             {
@@ -367,26 +275,51 @@ def to_inference_data(
     }
     for name in ("log_likelihood", "posterior_predictive", "observed_data", "constant_data"):
         groups[name] = groups[name].assign_coords(labels)
-    return az.InferenceData(attrs=attrs, **groups)
+    return groups
 
 
-# ----------------------------------------------------------------------------------------------
-def _natural_params(
-    fitted: EFAFit, data: EFAData, draws: Sequence[Draw], unit_dims: Mapping[str, int], batch_size: int
-) -> torch.Tensor:
-    efa = fitted.efa
-    out: torch.Tensor | None = None
-    batches = list(_index_batches(data, batch_size))
-    with torch.no_grad():
-        for s, draw in enumerate(draws):
-            for idx, batch in batches:
-                with poutine.condition(data=_batch_draw(draw, unit_dims, idx)):
-                    eta = efa.natural_params(batch)
-                if out is None:
-                    out = eta.new_zeros(len(draws), *data.values.shape, eta.size(-1))
-                out[s, idx, : eta.size(1)] = eta
-    assert out is not None
-    return out
+def _chain(
+    fit: EFAFit, data: EFAData, num_samples: int, seed: int, batch_size: int, include_eta: bool
+) -> dict[str, Any]:
+    """One chain of :func:`to_inference_data`: the guide's draws first (as
+    :func:`pyro_efa.log_likelihood` makes them), then one scoring pass per draw giving the
+    log-likelihood, a posterior predictive draw and the natural parameters."""
+    u, p = _targets(data)
+    scorer = Scorer(fit, data, batch_size)
+    with seeded(seed):
+        draws = _latent_draws(scorer, num_samples)
+        scores = [scorer.score(x, sample=True, eta=include_eta) for x in draws]
+        if fit.point_estimate:  # one point: num_samples predictive draws of its conditionals
+            predictive = _predictive_draws(scorer, draws, num_samples)
+        else:
+            predictive = torch.stack([s.draw for s in scores]).cpu()  # type: ignore[misc]
+    posterior = {k: torch.stack([d.values[k] for d in draws]).double().cpu().numpy() for k in draws[0].values}
+    if include_eta:
+        e = torch.stack([s.eta for s in scores]).cpu()[:, u, p].double().numpy()  # type: ignore[misc]
+        posterior["eta"] = e[..., 0] if e.shape[-1] == 1 else e
+    return {
+        "posterior": posterior,
+        "units": {k: dim for k, (dim, _) in draws[0].units.items()},
+        "loglik": torch.stack([s.loglik for s in scores]).cpu()[:, u, p].double().numpy(),
+        "predictive": _observation_values(fit, predictive[:, u, p].numpy()),
+    }
+
+
+def _posterior_dims(
+    fit: EFAFit, data: EFAData, unit_dims: Mapping[str, int], posterior: Mapping[str, np.ndarray]
+) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+    """Named dims of the posterior group: embedding tables, per-unit sites (their unit plate's
+    dim named ``unit``), the natural parameters."""
+    dims, coords = _embedding_dims(fit)
+    dims = {k: v for k, v in dims.items() if k in posterior}
+    for name, dim in unit_dims.items():
+        rank = posterior[name].ndim - 2  # (chain, draw, ...)
+        dims[name] = [f"{name}_dim_{i}" for i in range(rank)]
+        dims[name][rank + dim] = "unit"
+        coords["unit"] = _label_array(data.unit_labels)
+    if "eta" in posterior:
+        dims["eta"] = ["obs"] if posterior["eta"].ndim == 3 else ["obs", "natural"]
+    return dims, coords
 
 
 def natural_param_draws(
@@ -398,38 +331,34 @@ def natural_param_draws(
     samples: Mapping[str, torch.Tensor] | None = None,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    r"""Draws of the natural parameters ``eta (S, U, L, D)`` of every observation of ``data``.
+    r"""Draws of the natural parameters ``eta (S, U, L, D)`` of every target of ``data``.
 
     .. math:: \eta_s = \eta(x_{c}, \theta_s), \qquad \theta_s \sim q(\theta)
 
-    with the embeddings ``theta_s`` drawn from the guide (one draw for ``"map"``), or taken from
-    ``samples`` (e.g. ``pyro.infer.MCMC.get_samples()``: site name to ``(S, ...)`` tensor). The
-    natural parameters are identifiable (unlike embedding coordinates), so they are the quantity
-    to compare between guides, MCMC, and independent fits (R-hat across fits). Rows of
-    context-only and padding positions are computed but meaningless.
+    with the latent values ``theta_s`` drawn from the guide (one draw for a point estimate), or
+    taken from ``samples`` (e.g. ``pyro.infer.MCMC.get_samples()``: site name to ``(S, ...)``
+    tensor). It is the ``eta`` the model passes to its observation sites (for a larger model,
+    after its own terms). The natural parameters are identifiable (unlike embedding coordinates),
+    so they are the quantity to compare between guides, MCMC, and independent fits (R-hat across
+    fits). Entries of context-only and padding positions are NaN.
 
     :param EFAFit fit: the fit (its network is used as is).
     :param EFAData data: units.
     :param int num_samples: number of guide draws (ignored with ``samples``).
-    :param int seed: seeds the guide draws; the global RNG state is restored.
+    :param int seed: seeds the guide draws; the global random state is restored.
     :param samples: posterior samples of the latent sites to use instead of the guide.
     :param int batch_size: units per model evaluation.
     """
-    was_training = fit.model.training
-    fit.model.eval()
-    try:
-        if samples is not None:
-            n = {v.size(0) for v in samples.values()}
-            if len(n) != 1:
-                raise ValueError(f"all samples need the same number of draws, got sizes {sorted(n)}")
-            draws = [{k: v[s] for k, v in samples.items()} for s in range(n.pop())]
-            return _natural_params(fit, data, draws, {}, batch_size)
-        with torch.random.fork_rng():
-            pyro.set_rng_seed(seed)
-            draws, unit_dims = _guide_draws(fit, data, 1 if fit.guide_type == "map" else num_samples)
-            return _natural_params(fit, data, draws, unit_dims, batch_size)
-    finally:
-        fit.model.train(was_training)
+    scorer = Scorer(fit, data, batch_size)
+    if samples is not None:
+        n = {v.size(0) for v in samples.values()}
+        if len(n) != 1:
+            raise InputError(f"all samples need the same number of draws, got sizes {sorted(n)}")
+        draws = [Latents({k: v[s] for k, v in samples.items()}, {}) for s in range(n.pop())]
+    else:
+        with seeded(seed):
+            draws = _latent_draws(scorer, num_samples)
+    return torch.stack([scorer.score(x, eta=True).eta for x in draws]).cpu()  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,10 +391,10 @@ def compare(
     :returns: ArviZ's comparison table, best model first.
     """
     if len(fits) < 2:
-        raise ValueError("compare needs at least two fits")
-    point = [name for name, f in fits.items() if f.guide_type == "map"]
+        raise InputError("compare needs at least two fits")
+    point = [name for name, f in fits.items() if f.point_estimate]
     if point:
-        raise ValueError(
+        raise InputError(
             f"fit(s) {point} are point estimates (guide='map') with a single draw; LOO/WAIC need "
             "posterior draws (fit with guide='normal' or 'lowrank'), or compare held-out "
             "log-likelihoods with pyro_efa.evaluate"
@@ -509,16 +438,9 @@ def pit(
         (families: ``idata.constant_data["family"]``).
     """
     u, p = _targets(data)
-    fit.efa.validate(data)
-    was_training = fit.model.training
-    fit.model.eval()
-    try:
-        with torch.random.fork_rng():
-            pyro.set_rng_seed(seed)
-            draws, unit_dims = _draws_of(fit, data, num_samples)
-            _, pp = _simulate(fit, data, draws, unit_dims, batch_size)
-    finally:
-        fit.model.train(was_training)
+    scorer = Scorer(fit, data, batch_size)
+    with seeded(seed):
+        pp = _predictive_draws(scorer, _latent_draws(scorer, num_samples), num_samples)
     x = data.values[u, p].double().numpy()
     return _randomized_pit(x, pp[:, u, p].double().numpy(), np.random.default_rng(seed))
 
@@ -550,7 +472,7 @@ def plot_ppc(
     fam = idata.constant_data["family"].values
     names = [family] if family is not None else list(dict.fromkeys(fam.tolist()))
     if family is not None and family not in fam:
-        raise ValueError(f"no observation of family {family!r}; the data has {sorted(set(fam.tolist()))}")
+        raise InputError(f"no observation of family {family!r}; the data has {sorted(set(fam.tolist()))}")
     draws = idata.posterior_predictive.sizes["chain"] * idata.posterior_predictive.sizes["draw"]
     fig, axes = _grid(len(names))
     for ax, name in zip(axes, names, strict=True):
@@ -641,17 +563,12 @@ def plot_attention(
     :param unit: the unit's label (as in ``data.unit_labels``).
     """
     if unit not in data.unit_labels:
-        raise ValueError(f"unit {unit!r} is not in the data")
+        raise InputError(f"unit {unit!r} is not in the data")
     row = data.unit_labels.index(unit)
     one = data.subset([row])
     efa = fit.efa
-    was_training = fit.model.training
-    fit.model.eval()
-    try:
-        with torch.no_grad(), poutine.condition(data=fit.median(one)):
-            maps = efa.attention_maps(one)
-    finally:
-        fit.model.train(was_training)
+    with torch.no_grad(), eval_mode(fit.model), poutine.condition(data=fit.median(one)):
+        maps = efa.attention_maps(one)
     n = int(one.mask[0].sum())
     targets = torch.nonzero(one.target[0, :n]).squeeze(-1).tolist()
     keys = [str(data.keys.labels[k]) for k in one.key_index[0, :n].tolist()]

@@ -34,17 +34,21 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from pyro.poutine.messenger import Messenger
+
+from .errors import InputError
 
 __all__ = [
+    "UnitScale",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
     "cleanup",
+    "describe",
     "device",
     "gather_objects",
     "init_from_env",
@@ -108,21 +112,21 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
         size = int(os.environ.get("WORLD_SIZE", "1"))
         this = int(os.environ.get("RANK", "0"))
     except ValueError as e:
-        raise ValueError(f"RANK and WORLD_SIZE must be integers ({e})") from e
+        raise InputError(f"RANK and WORLD_SIZE must be integers ({e})") from e
     if size < 1 or not 0 <= this < size:
-        raise ValueError(f"bad process group: RANK={this}, WORLD_SIZE={size}")
+        raise InputError(f"bad process group: RANK={this}, WORLD_SIZE={size}")
     if size == 1:
         return False
     if not dist.is_available():
-        raise ValueError("this torch build has no torch.distributed support")
+        raise InputError("this torch build has no torch.distributed support")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise ValueError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
+            raise InputError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
         torch.cuda.set_device(local_rank())
     elif backend != "gloo":
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        raise InputError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     # one torch thread per process on CPU unless the user asked for more (torchrun sets
     # OMP_NUM_THREADS=1 itself when it starts several processes per node)
     if backend == "gloo":
@@ -196,13 +200,24 @@ def shard(global_batch: int, this_rank: int, size: int) -> tuple[torch.Tensor, f
     return idx, size * len(idx) / global_batch
 
 
+class UnitScale(Messenger):
+    """Multiplies the scale of every site inside the unit plate ``name`` by ``factor``. Used to
+    make a process's share of a global batch count as ``W / B_global`` per unit (see
+    :func:`pyro_efa.distributed.shard`). A factor 0 keeps the sites in the autograd graph (zero
+    gradients), which DDP needs: every process must produce a gradient for every parameter."""
+
+    def __init__(self, name: str, factor: float) -> None:
+        super().__init__()
+        self.name = name
+        self.factor = factor
+
+    def _process_message(self, msg: Any) -> None:
+        if any(frame.name == self.name for frame in msg["cond_indep_stack"]):
+            msg["scale"] = msg["scale"] * self.factor
+
+
 def describe() -> str:
     """``"rank r of W (backend)"`` or ``"single process"``."""
     if not (dist.is_available() and dist.is_initialized()):
         return "single process"
     return f"rank {dist.get_rank()} of {dist.get_world_size()} ({dist.get_backend()})"
-
-
-def _check_ranks(values: Sequence[Any], what: str) -> None:
-    if any(v != values[0] for v in values[1:]):
-        raise ValueError(f"the processes disagree on {what}: {list(values)}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import InputError
+
 __all__ = ["align_embeddings", "stability"]
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -25,9 +27,9 @@ METHODS = ("lstsq", "procrustes")
 def _as_numpy(x: ArrayLike, name: str) -> np.ndarray:
     a = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
     if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (rows, latent) table, got shape {a.shape}")
+        raise InputError(f"{name} must be a 2-D (rows, latent) table, got shape {a.shape}")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} has NaN or infinite entries")
+        raise InputError(f"{name} has NaN or infinite entries")
     return a
 
 
@@ -77,12 +79,12 @@ def align_embeddings(
         (``c Q`` for Procrustes), of the type of ``source``.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     if scale and method != "procrustes":
-        raise ValueError("scale=True applies to method='procrustes' only (lstsq maps already scale)")
+        raise InputError("scale=True applies to method='procrustes' only (lstsq maps already scale)")
     src, tgt = _as_numpy(source, "source"), _as_numpy(target, "target")
     if src.shape[0] != tgt.shape[0]:
-        raise ValueError(f"source and target need the same rows, got {src.shape[0]} and {tgt.shape[0]}")
+        raise InputError(f"source and target need the same rows, got {src.shape[0]} and {tgt.shape[0]}")
     if method == "lstsq":
         A, *_ = np.linalg.lstsq(src, tgt, rcond=None)
     else:
@@ -111,7 +113,7 @@ def stability(emb_a: ArrayLike, emb_b: ArrayLike, method: str = "lstsq", *, scal
     """
     rows, dims = _as_numpy(emb_a, "emb_a").shape
     if method == "lstsq" and rows <= dims:
-        raise ValueError(
+        raise InputError(
             f"least-squares alignment of {rows} rows in {dims} latent dims fits any target exactly: "
             "the score would be 1 for noise; use method='procrustes' or more rows than dims"
         )
@@ -121,5 +123,5 @@ def stability(emb_a: ArrayLike, emb_b: ArrayLike, method: str = "lstsq", *, scal
     x, y = x - x.mean(), y - y.mean()
     denom = float(np.sqrt((x**2).sum() * (y**2).sum()))
     if denom == 0.0:
-        raise ValueError("constant embeddings have no correlation")
+        raise InputError("constant embeddings have no correlation")
     return float((x * y).sum() / denom)

@@ -17,13 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-import pyro
 import torch
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
 from .data import EFAData
-from .infer import EFAFit
+from .errors import InputError
+from .results import EFAFit
+from .scoring import Scorer, per_unit_sites, seeded
 
 __all__ = ["sample_units"]
 
@@ -32,11 +31,11 @@ def _blank_units(fitted: EFAFit, num_units: int, keys: Sequence[Any] | None, len
     schema, efa = fitted.schema, fitted.efa
     if efa.kind == "items":
         if not length or length < 1:
-            raise ValueError("item sequences need a positive length")
+            raise InputError("item sequences need a positive length")
         key_index = torch.zeros(num_units, length, dtype=torch.long)
     else:
         if not keys:
-            raise ValueError("valued data needs the sequence of keys of each new unit")
+            raise InputError("valued data needs the sequence of keys of each new unit")
         codes = torch.as_tensor(schema["keys"].lookup(list(keys), "keys"))
         key_index = codes.expand(num_units, -1).clone()
     n = key_index.size(1)
@@ -59,23 +58,6 @@ def _blank_units(fitted: EFAFit, num_units: int, keys: Sequence[Any] | None, len
     )
 
 
-@torch.no_grad()
-def _draw(fitted: EFAFit, data: EFAData, params: dict[str, torch.Tensor], position: int) -> torch.Tensor:
-    """Draw every unit's observation at ``position`` from its conditional given the others."""
-    efa = fitted.efa
-    select = torch.zeros_like(data.mask)
-    select[:, position] = True
-    with poutine.condition(data=params):
-        eta = efa.natural_params(data, select=select)[:, position]
-    k = data.key_index[:, position]
-    x = torch.zeros(len(data), dtype=data.values.dtype)
-    for f, family in enumerate(efa.families):
-        m = efa.key_family[k] == f
-        if m.any():
-            x[m] = family.dist(eta[m, : family.natural_dim], k[m]).sample().to(x.dtype)
-    return x
-
-
 def sample_units(
     fitted: EFAFit,
     num_units: int = 1,
@@ -88,39 +70,40 @@ def sample_units(
 ) -> pd.DataFrame:
     """Generate new units from a fitted model.
 
-    :param EFAFit fitted: the fit (of an :class:`~pyro_efa.EFA` model).
+    Each step draws one position of every unit from its conditional given the unit's current
+    values, through the scoring path of :mod:`pyro_efa.scoring` (so a larger model's own terms
+    are included).
+
+    :param EFAFit fitted: the fit.
     :param int num_units: number of units to generate.
     :param keys: for valued data, the key labels of the new units' observations, in order.
     :param int length: for item sequences, the number of items per unit.
     :param int num_sweeps: Gibbs sweeps (bidirectional models only).
     :param str embeddings: ``"median"`` (plug in the posterior median / MAP) or ``"sample"``
         (one draw from the guide for all units).
-    :param int seed: random seed.
+    :param int seed: random seed (the global random state is restored).
     :returns: a long table with columns unit, position, key, value.
+    :raises ValueError: for a model with per-unit latent sites: new units have no data to infer
+        them from.
     """
     if embeddings not in ("median", "sample"):
-        raise ValueError(f"embeddings must be 'median' or 'sample', got {embeddings!r}")
-    efa = fitted.efa
+        raise InputError(f"embeddings must be 'median' or 'sample', got {embeddings!r}")
+    sites = per_unit_sites(fitted)
+    if sites:
+        raise InputError(
+            f"the model has per-unit latent site(s) {sorted(sites)}; new units have no data to infer "
+            "them from, so sample_units generates from models without per-unit latents only"
+        )
     data = _blank_units(fitted, num_units, keys, length)
-    was_training = efa.training
-    efa.eval()
-    with torch.random.fork_rng():
-        pyro.set_rng_seed(seed)
-        if embeddings == "median":
-            params = fitted.median(data)
-        else:
-            trace = poutine.trace(fitted.guide).get_trace(data)
-            params = {
-                k: v["value"].detach()
-                for k, v in trace.nodes.items()
-                if v["type"] == "sample" and not site_is_subsample(v)
-            }
-        n = data.max_len
+    with seeded(seed):
+        latents = Scorer(fitted, data, validate=False).latents(plug_in=embeddings == "median")
         values = data.values.clone()
         # uni: one ancestral pass; bi: an initial pass from the current state, then Gibbs sweeps
-        sweeps = 1 if efa.direction == "uni" else 1 + num_sweeps
+        sweeps = 1 if fitted.efa.direction == "uni" else 1 + num_sweeps
         for _ in range(sweeps):
-            for i in range(n):
-                values[:, i] = _draw(fitted, dataclasses.replace(data, values=values), params, i)
-    efa.train(was_training)
+            for i in range(data.max_len):
+                scorer = Scorer(fitted, dataclasses.replace(data, values=values), validate=False)
+                draw = scorer.score(latents, sample=True).draw
+                assert draw is not None
+                values[:, i] = draw[:, i].cpu()
     return dataclasses.replace(data, values=values).to_pandas().drop(columns="target")

@@ -22,8 +22,9 @@ are point parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import pyro
@@ -34,12 +35,12 @@ from pyro.nn import PyroModule, PyroSample, pyro_method
 from torch import nn
 
 from .attention import EFAEncoder, context_mask
+from .config import EFAConfig
 from .data import EFAData
-from .families import Family, get_family
+from .errors import InputError
+from .families import FAMILIES, get_family
 
-__all__ = ["EFA"]
-
-_VALUE_EMBEDDINGS = ("mlp", "linear", "key_linear", "lookup")
+__all__ = ["EFA", "find_efa"]
 
 
 def _small_uniform_(t: torch.Tensor, radius: float = 0.05) -> None:
@@ -64,161 +65,41 @@ class EFA(PyroModule):
     over all items.
 
     Build it from data with :meth:`from_data` (or :meth:`efe` for the exponential family
-    embedding baseline); fit it with :func:`pyro_efa.fit`.
+    embedding baseline); fit it with :func:`pyro_efa.fit`. Every option is a field of
+    :class:`~pyro_efa.EFAConfig`; ``model.config`` is the complete configuration, and
+    ``EFA(model.config)`` builds the same architecture again.
 
-    :param str kind: ``"valued"`` or ``"items"``.
-    :param int num_keys: number of keys (1 for items data).
-    :param family: a family name for all keys, or a list with one family name per key.
-    :param dict family_options: options per family name, e.g. ``{"binomial": {"total_count": 5}}``.
-    :param int num_items: item vocabulary size (items data).
-    :param key_features: ``(num_keys, F)`` numeric key features for ``key_embedding="mlp"``.
-    :param int max_len: longest unit the position embedding covers.
-    :param str direction: ``"uni"`` (causal; a joint likelihood) or ``"bi"`` (pseudo-likelihood).
-    :param int dim: embedding width ``d``.
-    :param int num_layers: attention blocks.
-    :param int num_heads: heads per block.
-    :param int head_dim: width of each head.
-    :param str key_embedding: ``"lookup"`` (latent table ``alpha``) or ``"mlp"`` (of key features).
-    :param str value_embedding: ``"mlp"``, ``"linear"`` (``x * w``), ``"key_linear"``
-        (``x * alpha[k]``, the EFE token) or ``"lookup"`` (a table over integer values).
-    :param int num_value_levels: table size for ``value_embedding="lookup"``.
-    :param bool position: add a learned absolute position embedding.
-    :param bool layer_norm: LayerNorm in each block.
-    :param int ff_dim: feed-forward width in each block (0: none).
-    :param str context_stream: ``"shared"`` (the paper's) or ``"fixed"``; see
-        :mod:`pyro_efa.attention`.
-    :param str attention: ``"softmax"`` or ``"uniform"`` (EFE).
-    :param str pool: ``"mean"`` or ``"sum"`` over the context.
-    :param bool residual: residual connections.
-    :param bool project: value / output projections in attention.
-    :param bool attend_self: the query token attends to itself.
-    :param float prior_scale: standard deviation ``s`` of the Normal priors of ``alpha``, ``rho``.
-    :param value_center: a number, or one per key: values are fed to ``mlp`` / ``linear``
-        value embeddings as ``(x - value_center[k]) / value_scale[k]`` (:meth:`from_data` uses
-        each key's mean and standard deviation, so keys of different families and scales mix).
-    :param value_scale: see ``value_center``.
-    :param bool standardize: Gaussian keys predict on the standardised scale: their natural
-        parameter (the mean) is ``value_center[k] + value_scale[k] * (rho[k] . z + b[k])``, so
-        the network and intercepts work with numbers of order one whatever the data's units
-        (values near 1e8 train like values near 0). The distribution, its log-density, the
-        predictions and the metrics stay in the data's units: nothing has to be undone by hand.
-        :meth:`from_data` turns it on (off for :meth:`efe`, whose closed form it would change).
-    :param str encoding: ``"auto"``, ``"one_pass"`` or ``"per_target"`` (see :class:`EFAEncoder`).
-    :param bool exclude_context_items: items data only, opt-in: an item already in the context
-        of a target gets probability 0 (its logit is set to ``-inf``). Exact for sequences that
-        never repeat an item (baskets, watch histories); data that does repeat an item within a
-        unit is rejected by :meth:`validate`.
-    :param float target_fraction: in training with per-target encoding, the fraction of each
-        unit's targets used per step (the pseudo-likelihood is reweighted to stay unbiased).
-    :param float dropout: dropout in attention blocks.
-    :param str name: prefix of every Pyro site and plate name (for use inside larger models).
+    :param EFAConfig config: a complete configuration (:attr:`EFAConfig.is_complete`).
     """
 
-    def __init__(
-        self,
-        *,
-        kind: str = "valued",
-        num_keys: int = 1,
-        family: str | Sequence[str] = "gaussian",
-        family_options: Mapping[str, Mapping[str, Any]] | None = None,
-        num_items: int | None = None,
-        key_features: torch.Tensor | Sequence[Sequence[float]] | None = None,
-        max_len: int = 512,
-        direction: str = "uni",
-        dim: int = 32,
-        num_layers: int = 2,
-        num_heads: int = 2,
-        head_dim: int = 16,
-        key_embedding: str = "lookup",
-        value_embedding: str = "mlp",
-        num_value_levels: int | None = None,
-        position: bool = True,
-        layer_norm: bool = False,
-        ff_dim: int = 0,
-        context_stream: str = "shared",
-        attention: str = "softmax",
-        pool: str = "mean",
-        residual: bool = True,
-        project: bool = True,
-        attend_self: bool = True,
-        prior_scale: float = 1.0,
-        value_center: float | Sequence[float] = 0.0,
-        value_scale: float | Sequence[float] = 1.0,
-        standardize: bool = False,
-        encoding: str = "auto",
-        target_fraction: float = 1.0,
-        exclude_context_items: bool = False,
-        dropout: float = 0.0,
-        name: str = "",
-    ) -> None:
-        if kind not in ("valued", "items"):
-            raise ValueError(f"kind must be 'valued' or 'items', got {kind!r}")
-        if key_embedding not in ("lookup", "mlp"):
-            raise ValueError(f"key_embedding must be 'lookup' or 'mlp', got {key_embedding!r}")
-        if value_embedding not in _VALUE_EMBEDDINGS:
-            raise ValueError(f"value_embedding must be one of {_VALUE_EMBEDDINGS}, got {value_embedding!r}")
-        if attention not in ("softmax", "uniform"):
-            raise ValueError(f"attention must be 'softmax' or 'uniform', got {attention!r}")
-        if not 0.0 < target_fraction <= 1.0:
-            raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
-        if encoding not in ("auto", "one_pass", "per_target"):
-            raise ValueError(f"encoding must be 'auto', 'one_pass' or 'per_target', got {encoding!r}")
-        if kind == "items" and not num_items:
-            raise ValueError("items data needs num_items")
-        if key_embedding == "mlp" and key_features is None:
-            raise ValueError("key_embedding='mlp' needs numeric key_features (one row per key)")
-        if value_embedding == "lookup" and kind == "valued" and not num_value_levels:
-            raise ValueError("value_embedding='lookup' needs num_value_levels")
-        if prior_scale <= 0:
-            raise ValueError(f"prior_scale must be positive, got {prior_scale}")
-        self.kind = kind
-        self.num_keys = int(num_keys)
-        self.num_items = int(num_items) if num_items else None
-        self.dim = int(dim)
-        self.direction = direction
-        self.key_embedding = key_embedding
-        self.value_embedding = value_embedding if kind == "valued" else "item_lookup"
-        self.use_position = bool(position)
-        self.max_len = int(max_len)
-        self.prior_scale = float(prior_scale)
-        self.encoding = encoding
-        self.target_fraction = float(target_fraction)
-        if exclude_context_items and kind != "items":
-            raise ValueError("exclude_context_items applies to item sequences only")
-        self.exclude_context_items = bool(exclude_context_items)
-        family_names = self._family_names(kind, family, self.num_keys)
-        family_options = {k: dict(v) for k, v in (family_options or {}).items()}
-        self.config: dict[str, Any] = {
-            "kind": kind, "num_keys": self.num_keys, "family": family_names,
-            "family_options": family_options, "num_items": self.num_items,
-            "key_features": None if key_features is None else torch.as_tensor(key_features).tolist(),
-            "max_len": self.max_len, "direction": direction, "dim": self.dim,
-            "num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim,
-            "key_embedding": key_embedding, "value_embedding": value_embedding,
-            "num_value_levels": num_value_levels, "position": position, "layer_norm": layer_norm,
-            "ff_dim": ff_dim, "context_stream": context_stream, "attention": attention, "pool": pool,
-            "residual": residual, "project": project, "attend_self": attend_self,
-            "prior_scale": prior_scale, "value_center": value_center, "value_scale": value_scale,
-            "standardize": bool(standardize),
-            "encoding": encoding, "target_fraction": target_fraction, "dropout": dropout, "name": name,
-            "exclude_context_items": bool(exclude_context_items),
-        }  # fmt: skip
-        super().__init__(name=name)
+    def __init__(self, config: EFAConfig) -> None:
+        if not isinstance(config, EFAConfig):
+            raise TypeError(
+                f"EFA takes an EFAConfig, got {type(config).__name__}; build a model from data with "
+                "EFA.from_data(data, **options) or EFA(EFAConfig(...))"
+            )
+        if not config.is_complete:
+            raise InputError(
+                "this EFAConfig has no data sizes (kind, num_keys, ...): build the model with "
+                "EFA.from_data(data, config)"
+            )
+        self.config = config
+        super().__init__(name=config.name)
+        kind = config.kind
+        assert config.num_keys is not None
+        num_keys = config.num_keys
+        names = config.family_names if kind == "valued" else ("categorical",)
 
         # -- families and the readout rows of each key ------------------------------------------
-        unique = list(dict.fromkeys(family_names))
+        unique = list(dict.fromkeys(names))
+        options = {k: dict(v) for k, v in config.family_options.items()}
         if kind == "items":
-            family_options.setdefault("categorical", {})["num_categories"] = self.num_items
-        self.families = nn.ModuleList(
-            get_family(f, num_keys=self.num_keys, **family_options.get(f, {})) for f in unique
-        )
-        self.register_buffer(
-            "key_family", torch.tensor([unique.index(f) for f in family_names], dtype=torch.long)
-        )
+            options.setdefault("categorical", {})["num_categories"] = config.num_items
+        self.families = nn.ModuleList(get_family(f, num_keys=num_keys, **options.get(f, {})) for f in unique)
+        self.register_buffer("key_family", torch.tensor([unique.index(f) for f in names], dtype=torch.long))
         dims = [self.families[f].natural_dim for f in self.key_family.tolist()]
-        width = max(dims)
-        offsets = [0, *list(torch.tensor(dims).cumsum(0).tolist())]
-        rows = torch.zeros(self.num_keys, width, dtype=torch.long)
+        offsets = [0, *torch.tensor(dims).cumsum(0).tolist()]
+        rows = torch.zeros(len(dims), max(dims), dtype=torch.long)
         for k, (o, nd) in enumerate(zip(offsets[:-1], dims, strict=True)):
             rows[k, :nd] = torch.arange(o, o + nd)
         self.register_buffer("readout_rows", rows)
@@ -226,157 +107,176 @@ class EFA(PyroModule):
 
         # -- latent embedding tables -------------------------------------------------------------
         self.register_buffer("_zero", torch.zeros(()))
-        self.has_alpha = kind == "items" or key_embedding == "lookup"
+        self.has_alpha = kind == "items" or config.resolved_key_embedding == "lookup"
         if self.has_alpha:
-            num_alpha = self.num_items if kind == "items" else self.num_keys
-            self.alpha = PyroSample(self._prior(num_alpha))
+            self.alpha = PyroSample(self._prior(config.num_items if kind == "items" else num_keys))
         self.rho = PyroSample(self._prior(self.num_rows))
         self.intercept = nn.Parameter(torch.zeros(self.num_rows))
 
-        # -- point-estimated network -------------------------------------------------------------
-        if key_embedding == "mlp":
-            feats = torch.as_tensor(key_features, dtype=torch.get_default_dtype())
+        # -- point-estimated network (the constructor's order of random draws is the one that
+        #    reset_parameters replays) -------------------------------------------------------------
+        dim = config.dim
+        if kind == "valued" and config.resolved_key_embedding == "mlp":
+            feats = torch.tensor(config.key_features, dtype=torch.get_default_dtype())
             center, scale = feats.mean(0), feats.std(0, unbiased=False).clamp(min=1e-6)
             self.register_buffer("key_features", (feats - center) / scale)
-            self.key_mlp = nn.Sequential(nn.Linear(feats.size(-1), 64), nn.GELU(), nn.Linear(64, self.dim))
-        center = torch.as_tensor(value_center, dtype=torch.get_default_dtype())
-        scale = torch.as_tensor(value_scale, dtype=torch.get_default_dtype())
-        self.register_buffer("value_center", center.expand(self.num_keys).clone())
-        self.register_buffer("value_scale", scale.expand(self.num_keys).clone())
-        # output standardisation of Gaussian keys (identity for every other key)
-        self.standardize = bool(standardize) and kind == "valued"
-        gauss = torch.tensor([self.families[f].name == "gaussian" for f in self.key_family.tolist()])
-        on = gauss & self.standardize
-        zero = torch.zeros_like(self.value_center)
-        self.register_buffer("_out_center", torch.where(on, self.value_center, zero), persistent=False)
-        self.register_buffer("_out_scale", torch.where(on, self.value_scale, zero + 1), persistent=False)
+            self.key_mlp = nn.Sequential(nn.Linear(feats.size(-1), 64), nn.GELU(), nn.Linear(64, dim))
+        self._register_value_scales(config, num_keys)
+        self.value_embedding = config.value_embedding if kind == "valued" else "item_lookup"
         if self.value_embedding == "mlp":
-            self.value_net = nn.Sequential(nn.Linear(1, 32), nn.GELU(), nn.Linear(32, self.dim))
+            self.value_net = nn.Sequential(nn.Linear(1, 32), nn.GELU(), nn.Linear(32, dim))
         elif self.value_embedding == "linear":
-            self.value_net = nn.Linear(1, self.dim)
+            self.value_net = nn.Linear(1, dim)
         elif self.value_embedding == "lookup":
-            self.value_table = nn.Parameter(torch.empty(int(num_value_levels or 0), self.dim))
+            self.value_table = nn.Parameter(torch.empty(int(config.num_value_levels or 0), dim))
             _small_uniform_(self.value_table)
-        if self.use_position:
-            self.position = nn.Parameter(torch.empty(self.max_len, self.dim))
+        if config.position:
+            self.position = nn.Parameter(torch.empty(self.max_len, dim))
             _small_uniform_(self.position)
-        self.mask_vector = nn.Parameter(torch.empty(self.dim))
+        self.mask_vector = nn.Parameter(torch.empty(dim))
         _small_uniform_(self.mask_vector)
-        self.encoder = EFAEncoder(
-            self.dim,
-            num_layers=num_layers,
-            direction=direction,
-            context_stream=context_stream,
-            attend_self=attend_self,
-            num_heads=num_heads,
-            head_dim=head_dim,
-            layer_norm=layer_norm,
-            ff_dim=ff_dim,
-            uniform=attention == "uniform",
-            project=project,
-            residual=residual,
-            pool=pool,
-            dropout=dropout,
-        )
+        self.encoder = EFAEncoder(config)
+
+    def __getattr__(self, name: str) -> Any:
+        # Plain network weights, buffers and submodules are read without PyroModule's per-access
+        # "param" statements. Under module-local parameters (pyro_efa's setting) those statements
+        # only record the parameter in a trace (their values are not used), yet each costs about
+        # 20 microseconds, and reading the encoder issues one per weight: together a fifth of
+        # Pyro's overhead in a training step. Latent sites (PyroSample) and PyroParams, and
+        # PyroModule children (the families), keep Pyro's semantics.
+        stores = self.__dict__
+        for store in ("_parameters", "_buffers", "_modules"):
+            if name in stores.get(store, ()):
+                value = stores[store][name]
+                if not isinstance(value, PyroModule):
+                    return value
+        return super().__getattr__(name)
+
+    def _register_value_scales(self, config: EFAConfig, num_keys: int) -> None:
+        # value moments per key (inputs of mlp / linear value embeddings), and the output
+        # standardisation of keys whose family allows it (identity for every other key)
+        dtype = torch.get_default_dtype()
+        center = torch.tensor(config.value_center or [0.0] * num_keys, dtype=dtype)
+        scale = torch.tensor(config.value_scale or [1.0] * num_keys, dtype=dtype)
+        self.register_buffer("value_center", center)
+        self.register_buffer("value_scale", scale)
+        self.standardize = config.standardize and config.kind == "valued"
+        flags = [self.families[f].standardize for f in self.key_family.tolist()]
+        on = torch.tensor(flags, dtype=torch.bool) & self.standardize
+        self.register_buffer("_out_center", torch.where(on, center, 0.0), persistent=False)
+        self.register_buffer("_out_scale", torch.where(on, scale, 1.0), persistent=False)
+
+    # -- the configuration, read through -----------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """``"valued"`` or ``"items"``."""
+        return str(self.config.kind)
+
+    @property
+    def direction(self) -> str:
+        """``"uni"`` or ``"bi"``."""
+        return self.config.direction
+
+    @property
+    def dim(self) -> int:
+        """Embedding width ``d``."""
+        return self.config.dim
+
+    @property
+    def num_keys(self) -> int:
+        """Number of keys (1 for item sequences)."""
+        return int(self.config.num_keys or 0)
+
+    @property
+    def num_items(self) -> int | None:
+        """Item vocabulary size (item sequences)."""
+        return self.config.num_items
+
+    @property
+    def max_len(self) -> int:
+        """Longest unit the position embedding covers."""
+        return int(self.config.max_len or 512)
 
     # ------------------------------------------------------------------------------------------
     # construction from data
     @classmethod
-    def from_data(
-        cls,
-        data: EFAData,
-        family: str | Mapping[Any, str] | None = None,
-        **kwargs: Any,
-    ) -> EFA:
+    def from_data(cls, data: EFAData, config: EFAConfig | None = None, **overrides: Any) -> EFA:
         """An :class:`EFA` sized for ``data``.
 
-        :param EFAData data: the (training) data; sizes, vocabularies and value scales come from it.
-        :param family: a family name, or a mapping from key label to family name (mixed types).
-            Items data is always categorical over the items.
-        :param kwargs: any :class:`EFA` option.
+        The data fills the sizes of the configuration: ``kind``, ``num_keys`` (``num_items``),
+        one family name per key (from a single name or a mapping from key label to name), the
+        options families read off the data (e.g. the number of classes), the key features of a
+        key MLP, each key's value moments (``value_center``, ``value_scale``), the value levels of
+        a lookup value embedding and ``max_len`` (``max(512, 2 * data.max_len)``: room for
+        held-out units longer than any training unit). Fields set in ``config`` or ``overrides``
+        are kept.
+
+        :param EFAData data: the (training) data.
+        :param EFAConfig config: the options (default: ``EFAConfig()``).
+        :param overrides: fields of :class:`EFAConfig` replacing those of ``config``.
         """
+        config = (config or EFAConfig()).replace(**overrides)
+        if config.kind is not None and config.kind != data.kind:
+            raise InputError(f"the configuration is for {config.kind!r} data, got {data.kind!r} data")
+        sizes: dict[str, Any] = {"kind": data.kind}
+        if config.max_len is None:
+            sizes["max_len"] = max(512, 2 * data.max_len)
         if data.kind == "items":
-            if family not in (None, "categorical"):
-                raise ValueError(f"item sequences are categorical over the items, got family={family!r}")
-            kwargs.update(kind="items", num_keys=1, family="categorical", num_items=len(data.items))
-        else:
-            names = cls._key_families(data, "gaussian" if family is None else family)
-            kwargs.update(kind="valued", num_keys=len(data.keys), family=names)
-            x = data.values[data.target]
-            if x.numel():
-                center, scale = _per_key_moments(data)
-                kwargs.setdefault("value_center", center)
-                kwargs.setdefault("value_scale", scale)
-            kwargs.setdefault("standardize", True)
-            if "categorical" in names:
-                # classes from the categorical keys' values only (not other families' values)
-                is_cat = torch.tensor([n == "categorical" for n in names], dtype=torch.bool)
-                xc = data.values[data.target & data.mask & is_cat[data.key_index]]
-                opts = kwargs.setdefault("family_options", {}).setdefault("categorical", {})
-                opts.setdefault("num_categories", max(2, int(xc.max()) + 1) if xc.numel() else 2)
-            if kwargs.get("value_embedding") == "lookup" and "num_value_levels" not in kwargs:
-                allx = data.values[data.mask]
-                if (allx < 0).any() or (allx != allx.round()).any():
-                    raise ValueError("value_embedding='lookup' needs non-negative integer values")
-                kwargs["num_value_levels"] = int(allx.max()) + 1
-            if kwargs.get("key_embedding") is None:
-                kwargs["key_embedding"] = "mlp" if len(data.columns.get("key") or []) > 1 else "lookup"
-            if kwargs["key_embedding"] == "mlp":
-                if data.keys.features is None:
-                    raise ValueError("key_embedding='mlp' needs numeric key columns")
-                kwargs["key_features"] = data.keys.features
-        # room for held-out units longer than any training unit (untrained rows stay near 0)
-        kwargs.setdefault("max_len", max(512, 2 * data.max_len))
-        return cls(**kwargs)
+            if config.family not in (None, "categorical", ("categorical",)):
+                raise InputError(
+                    f"item sequences are categorical over the items, got family={config.family!r}"
+                )
+            assert data.items is not None
+            sizes.update(num_keys=1, family="categorical", num_items=len(data.items))
+            return cls(config.replace(**sizes))
+        names = _key_families(data, config.family)
+        sizes.update(num_keys=len(data.keys), family=names)
+        sizes["family_options"] = _data_family_options(data, names, config.family_options)
+        if data.values[data.target].numel() and (config.value_center is None or config.value_scale is None):
+            center, scale = data.value_moments()
+            sizes["value_center"] = config.value_center or center
+            sizes["value_scale"] = config.value_scale or scale
+        resolved = config.replace(key_features=data.keys.features).resolved_key_embedding
+        sizes["key_embedding"] = resolved
+        if resolved == "mlp" and config.key_features is None:
+            if data.keys.features is None:
+                raise InputError("key_embedding='mlp' needs numeric key columns")
+            sizes["key_features"] = data.keys.features
+        if config.value_embedding == "lookup" and config.num_value_levels is None:
+            sizes["num_value_levels"] = _value_levels(data)
+        return cls(config.replace(**sizes))
 
     @classmethod
-    def efe(cls, data: EFAData, family: str | Mapping[Any, str] | None = None, **kwargs: Any) -> EFA:
-        r"""The exponential family embedding (EFE) baseline as a configuration of :class:`EFA`.
-
-        Uniform attention over the context, no positions, no residual, identity value/output maps,
-        one layer and head. For valued data the content token is ``x_j * alpha[k_j]`` and
-
-        .. math:: \eta_i = \rho_{k_i}^\top \frac{1}{|c_i|}\sum_{j \in c_i} x_j \alpha_{k_j} + b_{k_i};
-
-        for items the logits are ``rho @ sum_{j in c_i} alpha[item_j] + b``.
-        """
-        config = dict(
-            num_layers=1, num_heads=1, attention="uniform", project=False, residual=False,
-            position=False, attend_self=False, layer_norm=False, ff_dim=0,
-            pool="sum" if data.kind == "items" else "mean", standardize=False,
-        )  # fmt: skip
-        if data.kind == "valued":
-            config["value_embedding"] = "key_linear"
-        config.update(kwargs)
-        return cls.from_data(data, family=family, **config)
-
-    @staticmethod
-    def _key_families(data: EFAData, family: str | Mapping[Any, str]) -> list[str]:
-        if isinstance(family, (str, Family)):
-            return [family] * len(data.keys)  # type: ignore[list-item]
-        names = []
-        for label in data.keys.labels:
-            if label not in family:
-                raise ValueError(f"no family given for key {label!r}; the mapping must cover every key")
-            names.append(family[label])
-        return names
-
-    @staticmethod
-    def _family_names(kind: str, family: str | Sequence[str], num_keys: int) -> list[str]:
-        if kind == "items":
-            return ["categorical"]
-        if isinstance(family, str):
-            return [family] * num_keys
-        names = list(family)
-        if len(names) != num_keys:
-            raise ValueError(f"family list has {len(names)} entries for {num_keys} keys")
-        return names
+    def efe(cls, data: EFAData, **overrides: Any) -> EFA:
+        r"""The exponential family embedding (EFE) baseline: :meth:`from_data` with the preset
+        :meth:`EFAConfig.efe` for the kind of ``data``; ``overrides`` replace its fields."""
+        return cls.from_data(data, EFAConfig.efe(data.kind), **overrides)
 
     def _prior(self, rows: int) -> Any:
         def prior(self: EFA) -> dist.Distribution:
-            return dist.Normal(self._zero, self.prior_scale).expand([rows, self.dim]).to_event(2)
+            return dist.Normal(self._zero, self.config.prior_scale).expand([rows, self.dim]).to_event(2)
 
         return prior
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the network's initial weights again, in the constructor's order of random draws
+        (so that ``pyro.set_rng_seed(s)`` then ``reset_parameters()`` gives the weights a model
+        built right after ``pyro.set_rng_seed(s)`` has), and set intercepts and nuisance parameters
+        back to their initial values. :func:`pyro_efa.fit` calls it after seeding."""
+        for family in self.families:
+            family.reset_parameters()
+        self.intercept.zero_()
+        if hasattr(self, "key_mlp"):
+            _reset_modules(self.key_mlp)
+        if hasattr(self, "value_net"):
+            _reset_modules(self.value_net)
+        if hasattr(self, "value_table"):
+            _small_uniform_(self.value_table)
+        if self.config.position:
+            _small_uniform_(self.position)
+        _small_uniform_(self.mask_vector)
+        _reset_modules(self.encoder)
 
     # ------------------------------------------------------------------------------------------
     # names and plates
@@ -424,17 +324,22 @@ class EFA(PyroModule):
 
         Reads the embedding sites ``alpha`` and ``rho`` (sampled from the prior outside
         inference, from the guide inside it). Rows of context-only and padding positions are
-        computed but meaningless.
+        computed but meaningless. ``data`` is expected to have passed :meth:`validate` (every
+        fitting and scoring function of the library checks it once, not per batch).
+
+        :param ~torch.Tensor select: ``(B, L)`` targets to compute with per-target encoding
+            (default: every modelled observation).
+        :param str mode: encoder mode (default: the configuration's ``encoding``).
         """
         self._check_batch(data)
         if select is None:  # per-target encoding computes the modelled observations only
             select = data.target & data.mask
         alpha = self.alpha if self.has_alpha else None
-        rho = self.rho
+        rho = self.rho  # both sites before the encoder: the order of draws is part of a seeded fit
         content, query = self.tokens(data, alpha)
-        z = self.encoder(content, query, data.mask, mode=mode or self.encoding, select=select)
+        z = self.encoder(content, query, data.mask, mode=mode, select=select)
         eta = self.readout(z, data.key_index, rho)
-        if self.exclude_context_items:
+        if self.config.exclude_context_items:
             eta = eta.masked_fill(self._context_items(data), -math.inf)
         return eta
 
@@ -450,6 +355,9 @@ class EFA(PyroModule):
     ) -> torch.Tensor:
         """The observation sites: ``x_ui ~ Family(eta_ui)`` for every target, in the unit plate.
 
+        Each site keeps its natural parameters in its ``infer`` dict (``site["infer"]["eta"]``),
+        so that a trace of a larger model shows the ``eta`` it passed here.
+
         :param ~torch.Tensor eta: ``(B, L, D)`` natural parameters (from :meth:`natural_params`,
             possibly modified by a larger model).
         :param ~torch.Tensor select: optional ``(B, L)`` subset of targets to score.
@@ -460,17 +368,18 @@ class EFA(PyroModule):
         targets = data.target & data.mask
         if select is not None:
             targets = targets & select
-        fam_of_obs = self.key_family[data.key_index]
+        several = len(self.families) > 1
+        fam_of_obs = self.key_family[data.key_index] if several else None
         out = data.values
-        scale = 1.0 if weights is None else weights
         units = self.create_plates(data) if units is None else units
         with units, pyro.plate(self.site_name("positions"), data.max_len, dim=-1):
-            with poutine.scale(scale=scale):
+            with poutine.scale(scale=weights) if weights is not None else contextlib.nullcontext():
                 for f, (family, site) in enumerate(zip(self.families, self.observed_sites, strict=True)):
-                    m = targets & (fam_of_obs == f)
-                    d = family.dist(eta[..., : family.natural_dim], data.key_index)
+                    m = targets & (fam_of_obs == f) if several else targets
+                    e = eta[..., : family.natural_dim]
+                    d = family.dist(e, data.key_index).mask(m)
                     obs = None if sample else family.as_observation(family.fill(data.values, m))
-                    x = pyro.sample(site, d.mask(m), obs=obs)
+                    x = pyro.sample(site, d, obs=obs, infer={"eta": e})
                     if sample:
                         out = torch.where(m, x.to(out.dtype), out)
         return out
@@ -499,14 +408,14 @@ class EFA(PyroModule):
                 k = data.key_index.unsqueeze(-1)
                 content = key + self.value_net((x - self.value_center[k]) / self.value_scale[k])
         query = key + self.mask_vector
-        if self.use_position:
+        if self.config.position:
             pos = self.position[:L]
             content, query = content + pos, query + pos
         return content, query
 
     def readout(self, z: torch.Tensor, key_index: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-        """``eta = rho[rows(k)] . z + b[rows(k)]``, shape ``(B, L, D)`` (for standardised
-        Gaussian keys ``value_center[k] + value_scale[k] * eta``)."""
+        """``eta = rho[rows(k)] . z + b[rows(k)]``, shape ``(B, L, D)`` (for standardised keys
+        ``value_center[k] + value_scale[k] * eta``)."""
         if self.kind == "items":
             return z @ rho.transpose(-1, -2) + self.intercept
         rows = self.readout_rows[key_index]
@@ -531,67 +440,93 @@ class EFA(PyroModule):
     def _target_subset(self, data: EFAData) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # an unbiased random subset of each unit's targets (training with per-target encoding;
         # one pass computes every target anyway, so a subset would only add variance)
-        per_target = self.encoding == "per_target" or (
-            self.encoding == "auto" and not self.encoder.one_pass_exact
-        )
-        if not self.training or self.target_fraction >= 1.0 or not per_target:
+        if not self.training or self.config.target_fraction >= 1.0 or not self.config.per_target:
             return None, None
         targets = data.target & data.mask
         n = targets.sum(-1, keepdim=True)
-        m = torch.ceil(n * self.target_fraction).clamp(min=1)
+        m = torch.ceil(n * self.config.target_fraction).clamp(min=1)
         rank = torch.rand(targets.shape, device=n.device).masked_fill(~targets, 2.0).argsort(-1).argsort(-1)
         select = targets & (rank < m)
+        # a unit without targets (context rows only) has n = 0: its weight is 0, not 0 / 1
         return select, (n / m).to(data.values.dtype).expand(targets.shape)
 
     def _check_batch(self, data: EFAData) -> None:
+        # cheap checks of every batch (Python numbers only: no device synchronisation)
         if data.kind != self.kind:
-            raise ValueError(f"model is for {self.kind!r} data, got {data.kind!r} data")
-        if self.use_position and data.max_len > self.max_len:
-            raise ValueError(
+            raise InputError(f"model is for {self.kind!r} data, got {data.kind!r} data")
+        if self.config.position and data.max_len > self.max_len:
+            raise InputError(
                 f"a unit has {data.max_len} observations but the position embedding covers "
                 f"{self.max_len} (build the model with a larger max_len)"
             )
-        if self.kind == "valued" and data.key_index.numel() and int(data.key_index.max()) >= self.num_keys:
-            raise ValueError("key index out of range: build the data with the model's key vocabulary")
 
     # ------------------------------------------------------------------------------------------
     # checks and initialisation (outside the constructor)
     def validate(self, data: EFAData) -> None:
-        """Raise ``ValueError`` naming the unit, key and value of the first value outside the
-        support of its family."""
+        """Check ``data`` against the model before any use: its kind and lengths, its key or item
+        indices, the support of each target's family, the levels of a lookup value embedding and
+        the no-repeat constraint of ``exclude_context_items``.
+
+        :raises ValueError: naming the unit, key and value of the first offending observation and
+            how many there are.
+        """
         self._check_batch(data)
+        real = data.mask
         if self.kind == "items":
-            bad = data.mask & (data.values >= self.num_items)
-            if bad.any():
-                u, i = (int(t[0]) for t in torch.nonzero(bad, as_tuple=True))
-                raise ValueError(
-                    f"unit {data.unit_labels[u]!r}: item index {int(data.values[u, i])} out of range"
-                )
-            if self.exclude_context_items:
-                seen = self._context_items(data).gather(-1, data.values.long().unsqueeze(-1)).squeeze(-1)
-                bad = seen & data.mask & data.target
-                if bad.any():
-                    u, i = (int(t[0]) for t in torch.nonzero(bad, as_tuple=True))
-                    v = int(data.values[u, i])
-                    item = data.items.labels[v] if data.items is not None else v
-                    raise ValueError(
-                        f"unit {data.unit_labels[u]!r} repeats item {item!r}: exclude_context_items=True "
-                        "gives items already in the context probability 0"
-                    )
+            self._refuse(
+                data,
+                real & (data.values >= self.num_items),
+                f"is not one of the model's {self.num_items} items",
+            )
+            if self.config.exclude_context_items:
+                v = data.values.long().unsqueeze(-1)
+                seen = self._context_items(data).gather(-1, v).squeeze(-1) & real & data.target
+                self._refuse(
+                    data, seen, "is already in its context: exclude_context_items=True gives items "
+                    "already in the context probability 0, so it needs units that never repeat an item",
+                )  # fmt: skip
             return
-        fam_of_obs = self.key_family[data.key_index]
+        self._refuse(data, real & (data.key_index >= self.num_keys), "has a key outside the model's keys")
+        fam_of_obs = self.key_family[data.key_index.clamp(max=self.num_keys - 1)]
         for f, family in enumerate(self.families):
-            m = data.target & data.mask & (fam_of_obs == f)
-            bad = m & family.invalid(data.values)
-            if bad.any():
-                u, i = (int(t[0]) for t in torch.nonzero(bad, as_tuple=True))
-                key = data.keys.labels[int(data.key_index[u, i])]
-                column = data.columns.get("value") or "value"
-                raise ValueError(
-                    f"column {column!r}: value {data.values[u, i].item()!r} of unit "
-                    f"{data.unit_labels[u]!r}, key {key!r} is not valid for the {family.name} family "
-                    f"({family.describe_support()}); {int(bad.sum())} such value(s) in all"
-                )
+            bad = data.target & real & (fam_of_obs == f) & family.invalid(data.values)
+            self._refuse(
+                data, bad, f"is not valid for the {family.name} family ({family.describe_support()})"
+            )
+        if self.value_embedding == "lookup":
+            levels = self.value_table.size(0)
+            x = data.values
+            bad = real & ((x != x.round()) | (x < 0) | (x >= levels))
+            self._refuse(
+                data, bad, f"cannot be looked up in the value embedding's table (value_embedding="
+                f"'lookup': integers 0..{levels - 1}, the levels seen in training)",
+            )  # fmt: skip
+
+    @staticmethod
+    def _refuse(data: EFAData, bad: torch.Tensor, why: str) -> None:
+        if not bad.any():
+            return
+        u, i = (int(t[0]) for t in torch.nonzero(bad, as_tuple=True))
+        column = data.columns.get("value") or (data.columns.get("key") or ["value"])[0]
+        value = data.values[u, i].item()
+        if data.kind == "items":
+            labels = data.items.labels if data.items is not None else None
+            what = (
+                f"item {labels[int(value)]!r}"
+                if labels and int(value) < len(labels)
+                else f"item index {int(value)}"
+            )
+        else:
+            key = (
+                data.keys.labels[int(data.key_index[u, i])]
+                if int(data.key_index[u, i]) < len(data.keys)
+                else "?"
+            )
+            what = f"value {value!r} (key {key!r})"
+        raise InputError(
+            f"column {column!r}: {what} of unit {data.unit_labels[u]!r} {why}; {int(bad.sum())} such "
+            "observation(s) in all"
+        )
 
     @torch.no_grad()
     def init_intercept(self, data: EFAData) -> None:
@@ -646,31 +581,79 @@ class EFA(PyroModule):
         content, query = self.tokens(data, alpha)
         maps = []
         n = data.max_len
-        for w in self.encoder.attention_weights(content, query, data.mask, mode=mode or self.encoding):
+        for w in self.encoder.attention_weights(content, query, data.mask, mode=mode):
             if w.size(-1) == 2 * n:  # one pass: content columns, plus the own query token on the diagonal
                 w = w[..., :n] + torch.diagonal(w[..., n:], dim1=-2, dim2=-1).diag_embed()
             maps.append(w)
         return maps
 
 
-def _per_key_moments(data: EFAData) -> tuple[list[float], list[float]]:
-    """Mean and standard deviation of each key's values (all observations, context included);
-    keys with fewer than two values fall back to the pooled moments."""
-    m = data.mask
-    keys, x = data.key_index[m], data.values[m].double()
-    num_keys = len(data.keys)
-    n = torch.bincount(keys, minlength=num_keys).double()
-    s1 = torch.bincount(keys, weights=x, minlength=num_keys)
-    s2 = torch.bincount(keys, weights=x * x, minlength=num_keys)
-    mean = s1 / n.clamp(min=1)
-    std = (s2 / n.clamp(min=1) - mean**2).clamp(min=0).sqrt()
-    pooled_mean, pooled_std = x.mean(), x.std(unbiased=False)
-    few = n < 2
-    mean = torch.where(few, pooled_mean, mean)
-    std = torch.where(few | (std < 1e-6), pooled_std.clamp(min=1e-6), std)
-    return mean.tolist(), std.clamp(min=1e-6).tolist()
+def find_efa(model: torch.nn.Module) -> EFA:
+    """The :class:`EFA` inside ``model`` (``model`` itself if it is one)."""
+    for module in model.modules():
+        if isinstance(module, EFA):
+            return module
+    raise TypeError(f"{type(model).__name__} holds no EFA module")
 
 
-def num_parameters(module: nn.Module) -> int:
-    """Number of scalar parameters of ``module``."""
-    return sum(math.prod(p.shape) for p in module.parameters())
+def reset_parameters(model: torch.nn.Module) -> None:
+    """Draw the initial weights of ``model`` again from the current random state: every
+    :class:`EFA` inside it by :meth:`EFA.reset_parameters`, every other submodule with a
+    ``reset_parameters()`` method (``nn.Linear``, ``nn.LayerNorm``, ...) by that method, in
+    module order. Plain ``nn.Parameter`` attributes of a larger model are left as they are."""
+    skip: set[int] = set()
+    for module in model.modules():
+        if id(module) in skip:
+            continue
+        if isinstance(module, EFA):
+            module.reset_parameters()
+            skip.update(id(m) for m in module.modules())
+        elif module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def _reset_modules(module: nn.Module) -> None:
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    if hasattr(module, "reset_parameters") and not isinstance(module, (nn.Sequential, EFAEncoder)):
+        module.reset_parameters()
+
+
+def _key_families(data: EFAData, family: str | tuple[str, ...] | Mapping[Any, str] | None) -> tuple[str, ...]:
+    """One family name per key of ``data``."""
+    if family is None or isinstance(family, str):
+        return (family or "gaussian",) * len(data.keys)
+    if isinstance(family, tuple):
+        if len(family) != len(data.keys):
+            raise InputError(f"family has {len(family)} entries for the {len(data.keys)} keys of the data")
+        return family
+    missing = [label for label in data.keys.labels if label not in family]
+    if missing:
+        raise InputError(
+            f"no family given for key(s) {missing[:5]}; the mapping must cover every key of the data"
+        )
+    return tuple(family[label] for label in data.keys.labels)
+
+
+def _data_family_options(
+    data: EFAData, names: tuple[str, ...], given: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``given`` completed by what each family reads off the values of its keys (a value given
+    by the user wins)."""
+    out = {k: dict(v) for k, v in given.items()}
+    in_family = torch.tensor([[n == f for n in names] for f in dict.fromkeys(names)], dtype=torch.bool)
+    for f, name in enumerate(dict.fromkeys(names)):
+        x = data.values[data.target & data.mask & in_family[f][data.key_index]]
+        found = FAMILIES[name].options_from_data(x)
+        if found:
+            out[name] = {**found, **out.get(name, {})}
+    return out
+
+
+def _value_levels(data: EFAData) -> int:
+    """Table size of a lookup value embedding: the values must be integers 0, 1, 2, ..."""
+    x = data.values[data.mask]
+    if (x < 0).any() or (x != x.round()).any():
+        raise InputError("value_embedding='lookup' needs non-negative integer values")
+    return int(x.max()) + 1

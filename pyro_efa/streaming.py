@@ -25,7 +25,7 @@ Example::
         "ratings.parquet", unit="user", key="movie", value="rating", order="t",
         fractions=(0.8, 0.1, 0.1), seed=0,
     )
-    model = EFA.from_data(train.sample(), family="gaussian", **train.model_kwargs())
+    model = EFA.from_data(train.sample(), family="gaussian", **train.model_overrides())
     fitted = fit(model, train, val_data=val.to_memory())
 """
 
@@ -44,9 +44,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import OOV_LABEL, EFAData, Vocabulary, _sort_key
+from .data import OOV_LABEL, EFAData, Vocabulary, key_moments, label_sort_key
+from .errors import InputError
 
-__all__ = ["StreamingUnits"]
+__all__ = ["StreamingUnits", "unit_hash"]
 
 _PARQUET = (".parquet", ".pq")
 
@@ -63,18 +64,18 @@ def _pyarrow() -> Any:
 def _chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The needed columns of the file, ``chunk_rows`` rows at a time."""
     if not path.is_file():
-        raise ValueError(f"data file '{path}' not found")
+        raise InputError(f"data file '{path}' not found")
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _PARQUET:
         _, pq = _pyarrow()
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:
-            raise ValueError(f"could not read '{path}' as Parquet ({e})") from e
+            raise InputError(f"could not read '{path}' as Parquet ({e})") from e
         names = pf.schema_arrow.names
         missing = [c for c in columns if c not in names]
         if missing:
-            raise ValueError(f"column(s) {missing} not in the table; it has {names}")
+            raise InputError(f"column(s) {missing} not in the table; it has {names}")
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns):
             yield batch.to_pandas()
         return
@@ -82,17 +83,17 @@ def _chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.Data
     try:
         header = pd.read_csv(path, sep=sep, nrows=0).columns.tolist()
     except (ValueError, UnicodeDecodeError) as e:  # pandas' EmptyDataError included
-        raise ValueError(f"could not read '{path}': {e}") from e
+        raise InputError(f"could not read '{path}': {e}") from e
     missing = [c for c in columns if c not in header]
     if missing:
-        raise ValueError(f"column(s) {missing} not in the table; it has {header}")
+        raise InputError(f"column(s) {missing} not in the table; it has {header}")
     try:
         yield from pd.read_csv(path, sep=sep, usecols=columns, chunksize=chunk_rows)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"could not read '{path}': {e}") from e
+        raise InputError(f"could not read '{path}': {e}") from e
 
 
-def _unit_hash(labels: pd.Series, seed: int) -> np.ndarray:
+def unit_hash(labels: pd.Series, seed: int) -> np.ndarray:
     """A hash of each unit label in [0, 1), the same for equal labels in any chunk."""
     h = pd.util.hash_pandas_object(labels, index=False, hash_key=f"pyro_efa{seed:08d}"[:16]).to_numpy()
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
@@ -113,7 +114,7 @@ class StreamingUnits:
     Build it with :meth:`from_file`. It has the attributes of :class:`EFAData` that
     :func:`pyro_efa.fit` reads (``kind``, ``keys``, ``items``, ``columns``, ``num_units``,
     ``num_observations``, ``len()``, :meth:`batches`), plus :meth:`sample` (one shard in
-    memory), :meth:`model_kwargs` (sizes and value moments over all shards) and
+    memory), :meth:`model_overrides` (sizes and value moments over all shards) and
     :meth:`to_memory`.
     """
 
@@ -184,118 +185,40 @@ class StreamingUnits:
         path = Path(path)
         key_cols = [key] if isinstance(key, str) else list(key or [])
         if not key_cols:
-            raise ValueError("a key column is required (for item sequences: the item column)")
+            raise InputError("a key column is required (for item sequences: the item column)")
         if chunk_rows < 1 or shard_rows < 1:
-            raise ValueError("chunk_rows and shard_rows must be positive")
+            raise InputError("chunk_rows and shard_rows must be positive")
         parts = [1.0] if fractions is None else [float(f) for f in fractions]
         if any(f < 0 for f in parts) or sum(parts) <= 0:
-            raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
-        bounds = np.cumsum(parts) / sum(parts)
-        needed = list(
-            dict.fromkeys([unit, *key_cols] + [c for c in (value, order, context) if c is not None])
-        )
-        kind = "valued" if value is not None else "items"
-        pa, pq = _pyarrow()
-
+            raise InputError(f"fractions must be non-negative with a positive sum, got {fractions}")
+        columns = {"unit": unit, "key": key_cols, "value": value, "order": order, "context": context}
         owned = workdir is None
         root = Path(tempfile.mkdtemp(prefix="pyro_efa_shards_")) if owned else Path(workdir)
         root.mkdir(parents=True, exist_ok=True)
-        # the number of shards per part: known for Parquet, estimated from the size for CSV
-        suffixes = [s.lower() for s in path.suffixes]
-        if path.is_file() and suffixes and suffixes[-1] in _PARQUET:
-            total = pq.ParquetFile(path).metadata.num_rows
-        else:
-            total = max(1, path.stat().st_size // 20) if path.is_file() else 1  # ~20 bytes a row
-        num_shards = max(1, math.ceil(total / shard_rows))
-
-        writers: dict[tuple[int, int], Any] = {}
-        schema = None
-        found_keys: list[pd.DataFrame] = []
-        rows = 0
-        try:
-            for chunk in _chunks(path, needed, chunk_rows):
-                if len(chunk) == 0:
-                    continue
-                # every check of from_pandas, on this chunk (ties are checked per shard below)
-                EFAData.from_pandas(
-                    chunk, unit, key_cols, value, order, context, keys=keys, items=items, oov=oov, ties="keep"
-                )
-                rows += len(chunk)
-                found_keys.append(chunk[key_cols].drop_duplicates())
-                h = _unit_hash(chunk[unit], seed)
-                part = np.searchsorted(bounds, h, side="right").clip(max=len(parts) - 1)
-                shard = (h * num_shards * len(parts)).astype(np.int64) % num_shards
-                if value is not None:
-                    chunk[value] = chunk[value].astype(np.float64)  # counts in one chunk, 2.5 in another
-                try:
-                    table = pa.Table.from_pandas(chunk, preserve_index=False)
-                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                    raise ValueError(f"a column of '{path}' mixes types ({e}); make its type uniform") from e
-                if schema is None:
-                    schema = table.schema
-                else:
-                    try:
-                        table = table.cast(schema)
-                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
-                        raise ValueError(
-                            f"a column changes type between chunks of '{path}' ({e}); make its type "
-                            "uniform (e.g. all unit labels strings)"
-                        ) from e
-                for (p, s), idx in pd.Series(np.arange(len(chunk))).groupby([part, shard]).groups.items():
-                    w = writers.get((p, s))
-                    if w is None:
-                        w = writers[(p, s)] = pq.ParquetWriter(root / f"part{p}-shard{s:05d}.parquet", schema)
-                    w.write_table(table.take(pa.array(np.asarray(idx))))
-        finally:
-            for w in writers.values():
-                w.close()
-        if rows == 0:
+        scan = _Scan(path, columns, root, parts, seed, shard_rows, keys=keys, items=items, oov=oov)
+        distinct = scan.run(chunk_rows)
+        if distinct is None:
             shutil.rmtree(root, ignore_errors=True) if owned else None
-            raise ValueError("the table is empty: no observations to build units from")
-
-        # the vocabularies of the whole file
-        distinct = pd.concat(found_keys, ignore_index=True).drop_duplicates()
-        item_vocab = None
-        if kind == "items":
-            if items is None:
-                labels = sorted(distinct[key_cols[0]].tolist(), key=_sort_key)
-                if oov:
-                    labels.append(OOV_LABEL)
-                items = Vocabulary(labels=labels, oov=oov)
-            item_vocab = items
-            keys = keys or Vocabulary(labels=["position"])
-        elif keys is None:
-            keys = EFAData.from_pandas(
-                distinct.assign(__u=0, __x=0.0), "__u", key_cols, "__x", oov=oov, ties="keep"
-            ).keys
-        columns = {"unit": unit, "key": key_cols, "value": value, "order": order, "context": context}
-
+            raise InputError("the table is empty: no observations to build units from")
+        keys, item_vocab = _vocabularies(distinct, columns, keys, items, oov)
         owner = _TempDir(root) if owned else None
         out = []
         for p in range(len(parts)):
-            shards = []
-            num_keys = len(keys)
-            n = np.zeros(num_keys)
-            s1 = np.zeros(num_keys)
-            s2 = np.zeros(num_keys)
+            shards, sums = [], [np.zeros(len(keys)) for _ in range(3)]
             for f in sorted(root.glob(f"part{p}-shard*.parquet")):
                 d = _build(f, columns, keys, item_vocab, ties)
                 shards.append(_Shard(f, len(d), d.num_observations, d.max_len))
-                if kind == "valued":  # per-key moments of every observation (context included)
-                    k = d.key_index[d.mask].numpy()
-                    x = d.values[d.mask].double().numpy()
-                    n += np.bincount(k, minlength=num_keys)
-                    s1 += np.bincount(k, weights=x, minlength=num_keys)
-                    s2 += np.bincount(k, weights=x * x, minlength=num_keys)
+                if d.kind == "valued":  # per-key moments of every observation (context included)
+                    sums = [a + b for a, b in zip(sums, d.key_sums(), strict=True)]
             out.append(
                 cls(
                     shards,
-                    kind=kind,
+                    kind=scan.kind,
                     keys=keys,
                     items=item_vocab,
                     columns=columns,
                     ties=ties,
-                    moments=(n, s1, s2),
+                    moments=tuple(sums),
                     workdir=root,
                     owner=owner,
                 )  # fmt: skip
@@ -336,33 +259,24 @@ class StreamingUnits:
     def sample(self) -> EFAData:
         """The first shard, as a data set of its own (to size a model and start its intercepts)."""
         if not self.shards:
-            raise ValueError("this part holds no units")
+            raise InputError("this part holds no units")
         return _build(self.shards[0].path, self.columns, self.keys, self.items, self.ties)
 
     def to_memory(self) -> EFAData:
         """Every unit of this part in one :class:`EFAData` (for validation and test parts)."""
         if not self.shards:
-            raise ValueError("this part holds no units")
+            raise InputError("this part holds no units")
         _, pq = _pyarrow()
         df = pd.concat([pq.read_table(s.path).to_pandas() for s in self.shards], ignore_index=True)
         return EFAData.from_pandas(df, **self.columns, keys=self.keys, items=self.items, ties=self.ties)
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """Options for :meth:`EFA.from_data` computed over every shard (``max_len``, and per-key
-        ``value_center`` / ``value_scale`` for valued data), to pass with :meth:`sample`."""
+    def model_overrides(self) -> dict[str, Any]:
+        """Fields of :class:`~pyro_efa.EFAConfig` computed over every shard (``max_len``, and the
+        per-key ``value_center`` / ``value_scale`` of valued data, :func:`~pyro_efa.data.key_moments`),
+        to pass to :meth:`EFA.from_data` with :meth:`sample`."""
         out: dict[str, Any] = {"max_len": max(self.max_len, 1)}
         if self.kind == "valued":
-            n, s1, s2 = self._moments
-            mean = s1 / np.maximum(n, 1)
-            std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0))
-            total = max(n.sum(), 1)
-            pooled_mean = s1.sum() / total
-            pooled_std = max(math.sqrt(max(s2.sum() / total - pooled_mean**2, 0)), 1e-6)
-            few = n < 2
-            mean = np.where(few, pooled_mean, mean)
-            std = np.where(few | (std < 1e-6), pooled_std, std)
-            out["value_center"] = mean.tolist()
-            out["value_scale"] = np.maximum(std, 1e-6).tolist()
+            out["value_center"], out["value_scale"] = key_moments(*self._moments)
         return out
 
     def batches(
@@ -380,6 +294,110 @@ class StreamingUnits:
         )
         for i in order.tolist():
             yield from self.shard(i).batches(batch_size, shuffle=shuffle, generator=generator, bucket=bucket)
+
+
+class _Scan:
+    """The scan of :meth:`StreamingUnits.from_file`: every chunk checked like
+    :meth:`EFAData.from_pandas` and its rows appended to the shard file of their part and unit
+    hash; :meth:`run` returns the distinct keys (or items) of the whole file, or None when the
+    file holds no row."""
+
+    def __init__(
+        self,
+        path: Path,
+        columns: dict[str, Any],
+        root: Path,
+        parts: list[float],
+        seed: int,
+        shard_rows: int,
+        **lookup: Any,
+    ) -> None:
+        self.path, self.columns, self.root, self.seed, self.lookup = path, columns, root, seed, lookup
+        self.kind = "valued" if columns["value"] is not None else "items"
+        self.bounds = np.cumsum(parts) / sum(parts)
+        _, pq = _pyarrow()
+        # the number of shards per part: known for Parquet, estimated from the size for CSV
+        suffixes = [s.lower() for s in path.suffixes]
+        if path.is_file() and suffixes and suffixes[-1] in _PARQUET:
+            total = pq.ParquetFile(path).metadata.num_rows
+        else:
+            total = max(1, path.stat().st_size // 20) if path.is_file() else 1  # ~20 bytes a row
+        self.num_shards = max(1, math.ceil(total / shard_rows))
+        self.writers: dict[tuple[int, int], Any] = {}
+        self.schema: Any = None
+
+    def run(self, chunk_rows: int) -> pd.DataFrame | None:
+        c = self.columns
+        needed = list(
+            dict.fromkeys([c["unit"], *c["key"]] + [c[k] for k in ("value", "order", "context") if c[k]])
+        )
+        found: list[pd.DataFrame] = []
+        try:
+            for chunk in _chunks(self.path, needed, chunk_rows):
+                if len(chunk) == 0:
+                    continue
+                # every check of from_pandas, on this chunk (ties are checked per shard later)
+                EFAData.from_pandas(chunk, **c, **self.lookup, ties="keep")
+                found.append(chunk[c["key"]].drop_duplicates())
+                self._write(chunk)
+        finally:
+            for w in self.writers.values():
+                w.close()
+        return pd.concat(found, ignore_index=True).drop_duplicates() if found else None
+
+    def _write(self, chunk: pd.DataFrame) -> None:
+        pa, pq = _pyarrow()
+        h = unit_hash(chunk[self.columns["unit"]], self.seed)
+        num_parts = len(self.bounds)
+        part = np.searchsorted(self.bounds, h, side="right").clip(max=num_parts - 1)
+        shard = (h * self.num_shards * num_parts).astype(np.int64) % self.num_shards
+        value = self.columns["value"]
+        if value is not None:
+            chunk[value] = chunk[value].astype(np.float64)  # counts in one chunk, 2.5 in another
+        try:
+            table = pa.Table.from_pandas(chunk, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise InputError(f"a column of '{self.path}' mixes types ({e}); make its type uniform") from e
+        if self.schema is None:
+            self.schema = table.schema
+        else:
+            try:
+                table = table.cast(self.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+                raise InputError(
+                    f"a column changes type between chunks of '{self.path}' ({e}); make its type "
+                    "uniform (e.g. all unit labels strings)"
+                ) from e
+        for (p, s), idx in pd.Series(np.arange(len(chunk))).groupby([part, shard]).groups.items():
+            w = self.writers.get((p, s))
+            if w is None:
+                w = self.writers[(p, s)] = pq.ParquetWriter(
+                    self.root / f"part{p}-shard{s:05d}.parquet", self.schema
+                )
+            w.write_table(table.take(pa.array(np.asarray(idx))))
+
+
+def _vocabularies(
+    distinct: pd.DataFrame,
+    columns: dict[str, Any],
+    keys: Vocabulary | None,
+    items: Vocabulary | None,
+    oov: bool,
+) -> tuple[Vocabulary, Vocabulary | None]:
+    """The key (and item) vocabularies of the whole file, from its distinct keys."""
+    key_cols = columns["key"]
+    if columns["value"] is None:
+        if items is None:
+            labels = sorted(distinct[key_cols[0]].tolist(), key=label_sort_key)
+            if oov:
+                labels.append(OOV_LABEL)
+            items = Vocabulary(labels=labels, oov=oov)
+        return keys or Vocabulary(labels=["position"]), items
+    if keys is None:
+        keys = EFAData.from_pandas(
+            distinct.assign(__u=0, __x=0.0), "__u", key_cols, "__x", oov=oov, ties="keep"
+        ).keys
+    return keys, None
 
 
 def _build(

@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_efa import EFA, EFAData
+from pyro_efa import EFA, EFAConfig, EFAData
 from pyro_efa.attention import AttentionBlock, context_mask
 
 KEYS = ["a", "b", "c", "d"]
@@ -172,14 +172,14 @@ def test_one_pass_raises_when_not_exact(kwargs):
     data = make_data("gaussian", (2, 4))
     model = make_model(data, "gaussian", **kwargs)
     assert not model.encoder.one_pass_exact
-    with pytest.raises(ValueError, match="one-pass"):
+    with pytest.raises(ValueError, match="exact only"):
         model.natural_params(data, mode="one_pass")
     # auto falls back to the per-target computation
     auto, vals = traced_natural_params(model, data)
     with pyro.poutine.condition(data=vals):
         per = model.natural_params(data, mode="per_target")
     assert torch.equal(auto, per)
-    with pytest.raises(ValueError, match="one-pass"):
+    with pytest.raises(ValueError, match="exact only"):
         EFA.from_data(data, direction="bi", num_layers=2, encoding="one_pass", dim=8).natural_params(data)
 
 
@@ -336,12 +336,12 @@ def layer_norm(y, norm):
         pytest.param(dict(num_heads=2, head_dim=3), id="2heads"),
         pytest.param(dict(num_heads=2, head_dim=3, layer_norm=True, ff_dim=5), id="2heads-ln-ff"),
         pytest.param(dict(num_heads=2, head_dim=3, residual=False, pool="sum"), id="2heads-sum-nores"),
-        pytest.param(dict(num_heads=1, uniform=True, project=False, residual=False), id="uniform-noproj"),
+        pytest.param(dict(num_heads=1, attention="uniform", project=False, residual=False), id="uniform-noproj"),
     ],
 )
 def test_attention_block_matches_oracle(f64, kwargs):
     torch.manual_seed(3)
-    block = AttentionBlock(6, **kwargs)
+    block = AttentionBlock(EFAConfig(dim=6, **kwargs))
     if block.norm1 is not None:  # non-trivial LayerNorm affine parameters
         with torch.no_grad():
             for p in block.parameters():
@@ -366,7 +366,7 @@ def test_attention_block_matches_oracle(f64, kwargs):
 
 
 def test_attention_block_empty_row_gradient_is_finite(f64):
-    block = AttentionBlock(4, num_heads=2, head_dim=2)
+    block = AttentionBlock(EFAConfig(dim=4, num_heads=2, head_dim=2))
     x = torch.randn(1, 3, 4, requires_grad=True)
     allowed = torch.tensor([[[False, False, False], [True, False, False], [True, True, False]]])
     block(x, x, allowed).sum().backward()
@@ -374,11 +374,11 @@ def test_attention_block_empty_row_gradient_is_finite(f64):
     assert all(torch.isfinite(p.grad).all() for p in block.parameters())
 
 
-def test_attention_block_rejects_bad_options():
+def test_attention_options_are_checked_by_the_config():
     with pytest.raises(ValueError, match="pool"):
-        AttentionBlock(4, pool="max")
+        EFAConfig(pool="max")
     with pytest.raises(ValueError, match="num_heads"):
-        AttentionBlock(4, num_heads=2, project=False)
+        EFAConfig(num_heads=2, project=False)
 
 
 def test_context_mask():

@@ -21,8 +21,8 @@ import torch
 from helpers import error_line, metric_block
 
 from pyro_efa.cli import main
-from pyro_efa.infer import CHECKPOINT_NAME, load_checkpoint
-from pyro_efa.streaming import _unit_hash
+from pyro_efa.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from pyro_efa.streaming import unit_hash
 
 TINY = ["--dim", "8", "--layers", "1", "--heads", "1", "--no-progress"]
 COLUMNS = ["--unit", "user", "--key", "item", "--value", "x", "--order", "t"]
@@ -177,7 +177,7 @@ def test_stream_fit_and_evaluate(tmp_path: Path, suffix: str, capsys) -> None:
     # the recorded rule gives the recorded parts
     df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
     users = df["user"].drop_duplicates()
-    part = np.searchsorted(split["assignment"]["bounds"], _unit_hash(users, split["seed"]), side="right")
+    part = np.searchsorted(split["assignment"]["bounds"], unit_hash(users, split["seed"]), side="right")
     assert sorted(users[part == 2].tolist()) == sorted(split["test"])
     assert sorted(users[part == 1].tolist()) == sorted(split["validation"])
 

@@ -129,7 +129,7 @@ def test_multi_column_keys_with_features():
     assert data.key_index.tolist() == [[2, 0, 1], [0, 2, 0]]
     assert data.columns["key"] == ["lat", "lon"]
     model = EFA.from_data(data, dim=4)
-    assert model.key_embedding == "mlp" and not hasattr(model, "alpha")
+    assert model.config.key_embedding == "mlp" and not hasattr(model, "alpha")
     df["name"] = "x"
     with pytest.raises(ValueError, match="numeric.*'name'"):
         EFAData.from_pandas(df, "day", ["lat", "name"], "temp")

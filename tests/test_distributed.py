@@ -15,7 +15,8 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_efa import EFA, EFAData, distributed
-from pyro_efa.infer import _UnitScale, make_guide
+from pyro_efa.distributed import UnitScale
+from pyro_efa.guides import make_guide
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_small.py"
 # Tolerance of the 2-process vs 1-process comparison (float64): only the order of floating-point
@@ -84,7 +85,7 @@ def test_averaged_shard_gradients_equal_the_global_batch_gradient(world: int, gl
             if factor is None:
                 loss_fn(b).backward()
             else:
-                with _UnitScale("efa.units", factor):
+                with UnitScale("efa.units", factor):
                     loss_fn(b).backward()
             return [p.grad.clone() for p in loss_fn.parameters()]
 

@@ -8,7 +8,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_efa import EFA, EFAData, Vocabulary
+from pyro_efa import EFA, EFAConfig, EFAData, Vocabulary
 from pyro_efa.datasets import synthetic_ratings
 
 KEYS = ["a", "b", "c", "d"]
@@ -103,8 +103,8 @@ def test_efe_is_a_configuration_of_efa():
     data = make_data("gaussian")
     model = EFA.efe(data)
     assert isinstance(model, EFA)
-    assert model.config["attention"] == "uniform" and model.config["value_embedding"] == "key_linear"
-    assert len(model.encoder.blocks) == 1 and not model.use_position
+    assert model.config.attention == "uniform" and model.config.value_embedding == "key_linear"
+    assert len(model.encoder.blocks) == 1 and not model.config.position
     # options can be overridden
     assert EFA.efe(data, direction="bi").direction == "bi"
 
@@ -369,7 +369,7 @@ def test_exclude_context_items_masks_exactly_the_context(direction):
 
 def test_exclude_context_items_rejects_repeats_and_valued_data():
     model = EFA.from_data(_baskets(), exclude_context_items=True)
-    with pytest.raises(ValueError, match="repeats item 'c'"):
+    with pytest.raises(ValueError, match="item 'c' of unit .* is already in its context"):
         model.validate(_baskets(repeat=True))
     with pytest.raises(ValueError, match="item sequences only"):
-        EFA(kind="valued", num_keys=2, exclude_context_items=True)
+        EFAConfig(kind="valued", num_keys=2, exclude_context_items=True)

@@ -11,26 +11,23 @@ counts are exact.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 
+from pyro_efa import EFAConfig, FitOptions, models
+from pyro_efa.models import instacart, movielens, synthetic, temperature
+
 MODELS = Path(__file__).resolve().parents[1] / "models"
+_MODULES = {"synthetic": synthetic, "instacart": instacart, "movielens": movielens, "temperature": temperature}
 
 
-@functools.cache
-def _module(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"pyro_efa_models_{name}", MODELS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _module(name: str):
+    return _MODULES[name]
 
 
 @functools.cache
@@ -84,9 +81,9 @@ def test_movielens_counts(data_dir, loader, users, ratings):
 
 def test_movielens_one_rating_per_timestamp(data_dir):
     df = _module("movielens").read_ratings(data_dir)
-    kept = _module("movielens")._filter(df, seed=42, drop_single=False)
+    kept = _module("movielens").filter_ratings(df, seed=42, drop_single=False)
     assert not kept.duplicated(["user", "timestamp"]).any()
-    again = _module("movielens")._filter(df, seed=42, drop_single=False)
+    again = _module("movielens").filter_ratings(df, seed=42, drop_single=False)
     assert kept.equals(again)  # the random choice of step (3) is seeded
 
 
@@ -164,8 +161,8 @@ def test_ridge_baseline(data_dir):
 # scripts
 SMOKE = [
     ("synthetic.py",),
-    ("movielens.py", "--task", "items"),
-    ("movielens.py", "--task", "ratings"),
+    ("movielens.py", "--task", "movielens_items"),
+    ("movielens.py", "--task", "movielens_ratings"),
     ("instacart.py",),
     ("temperature.py", "--lags", "1"),
 ]
@@ -188,3 +185,23 @@ def test_script_smoke(script, request):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     assert "EFA" in proc.stdout and "EFE" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# the one interface
+def test_every_experiment_builds_its_models_and_options():
+    assert set(models.EXPERIMENTS) == {
+        "synthetic", "instacart", "movielens_items", "movielens_ratings",
+        "temperature", "temperature_lag1", "temperature_lag2",
+    }  # fmt: skip
+    for name, exp in models.EXPERIMENTS.items():
+        assert models.get(name) is exp
+        for direction in exp.directions:
+            for which in ("efa", "efe"):
+                assert isinstance(exp.config(which, direction), EFAConfig)
+                assert isinstance(exp.fit_options(which, direction), FitOptions)
+            assert exp.config("efe", direction).attention == "uniform"
+    with pytest.raises(ValueError, match="unknown experiment"):
+        models.get("mnist")
+    with pytest.raises(ValueError, match="direction"):
+        models.get("temperature").config("efa", "uni")

@@ -18,7 +18,7 @@ import torch
 from pyro.nn import PyroModule
 
 from pyro_efa import EFA, EFAData, fit, load, save
-from pyro_efa.infer import CHECKPOINT_NAME, load_checkpoint
+from pyro_efa.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_small.py"
 SMALL = dict(dim=8, num_layers=1, num_heads=1, head_dim=8)
@@ -255,7 +255,7 @@ def _with(config: dict, part: str, **changes) -> str:
     "tamper, match",
     [
         pytest.param(lambda c: "{not json", "readable", id="not-json"),
-        pytest.param(lambda c: json.dumps([1, 2]), "not a pyro_efa.fit/1", id="a-list"),
+        pytest.param(lambda c: json.dumps([1, 2]), "not a pyro_efa.fit/2", id="a-list"),
         pytest.param(lambda c: _with(c, "model", evil=1), "damaged", id="extra-option"),
         pytest.param(lambda c: _with(c, "model", dim=-3), "damaged", id="bad-dim"),
         pytest.param(lambda c: json.dumps({**c, "guide": "__import__"}), "damaged", id="bad-guide"),
@@ -357,7 +357,7 @@ def test_float32_and_float64_fits_agree() -> None:
     import copy
 
     from pyro_efa import evaluate
-    from pyro_efa.predictive import _plugin_predictions
+    from pyro_efa.scoring import Scorer
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -371,9 +371,10 @@ def test_float32_and_float64_fits_agree() -> None:
             torch.set_default_dtype(dtype)
             tr, te = copy.copy(train), copy.copy(test)
             tr.values, te.values = train.values.to(dtype), test.values.to(dtype)
-            f = fit(model, tr, num_epochs=5, lr=3e-3, progress=False, seed=1)
+            f = fit(model, tr, num_epochs=5, lr=3e-3, progress=False, seed=1, init_network=False)
             assert next(f.model.parameters()).dtype == dtype
-            out[dtype] = (evaluate(f, te), _plugin_predictions(f, te, 256)["mean"].double(), f.losses)
+            scorer = Scorer(f, te)
+            out[dtype] = (evaluate(f, te), scorer.score(scorer.latents()).prediction.double(), f.losses)
     finally:
         torch.set_default_dtype(old)
     (e64, p64, l64), (e32, p32, l32) = out[torch.float64], out[torch.float32]

@@ -55,7 +55,7 @@ def test_plan_covers_every_row() -> None:
     jobs = rp.plan([0, 1, 2], list(rp.EXPERIMENTS), smoke=True, data_dir=Path("."))
     keys = {(j["experiment"], j["model"], j["direction"]) for j in jobs}
     for experiment, spec in rp.EXPERIMENTS.items():
-        for direction in spec["directions"]:
+        for direction in spec.directions:
             for model in ("efa", "efe"):
                 assert (experiment, model, direction) in keys
     assert all(sum(1 for j in jobs if j == k) == 1 for k in jobs)
@@ -81,8 +81,10 @@ def test_partial_rerun_keeps_the_other_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_movielens_items_uni_near_target(data_dir: Path) -> None:
+def test_movielens_items_uni_beats_the_paper(data_dir: Path) -> None:
+    """The recommended unidirectional model on MovieLens items, one seed, beats the paper's
+    3.4438 (measured 3.3915 for seed 0)."""
     rp = _reproduce()
     job = {"experiment": "movielens_items", "model": "efa", "direction": "uni", "seed": 0}
     result = rp.run_one({**job, "data_dir": str(data_dir)})
-    assert result["test"] <= 3.40 * 1.02, result
+    assert result["test"] < 3.4438, result

@@ -61,7 +61,7 @@ def test_shards_hold_the_same_units_as_from_pandas(tmp_path: Path, suffix: str) 
             assert torch.equal(shard.values[k, :n], full.values[u, :n])
     assert sorted(seen) == list(range(len(full)))
     # per-key moments over every shard, as EFA.from_data computes them in memory
-    kwargs = s.model_kwargs()
+    kwargs = s.model_overrides()
     model = EFA.from_data(full)
     np.testing.assert_allclose(kwargs["value_center"], model.value_center.numpy(), rtol=1e-5)
     np.testing.assert_allclose(kwargs["value_scale"], model.value_scale.numpy(), rtol=1e-4)
@@ -105,7 +105,7 @@ def test_streaming_fit_with_many_shards_and_resume(tmp_path: Path) -> None:
 
     def run(epochs: int, **kwargs) -> object:
         torch.manual_seed(0)
-        model = EFA.from_data(train.sample(), **SMALL, **train.model_kwargs())
+        model = EFA.from_data(train.sample(), **SMALL, **train.model_overrides())
         return fit(
             model, train, val_data=val.to_memory(), num_epochs=epochs, batch_size=16, progress=False, **kwargs
         )

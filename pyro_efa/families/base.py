@@ -15,7 +15,9 @@ from typing import Any, ClassVar
 import torch
 from pyro.distributions import TorchDistribution
 from pyro.nn import PyroModule
-from torch.distributions import constraints
+from torch.distributions import constraints, transform_to
+
+from ..errors import InputError
 
 __all__ = ["FAMILIES", "Family", "get_family", "register_family"]
 
@@ -33,7 +35,13 @@ class Family(PyroModule):
     parameter the network predicts (the mean or log-mean) and the nuisance parameter is a point
     estimate held by the family.
 
-    Subclasses set the class attributes and implement :meth:`dist`.
+    Subclasses set the class attributes and implement :meth:`dist`. What the rest of the library
+    needs to know about a family it reads from these declarations, never from the family's name:
+    :attr:`natural_dim` (the size of ``eta``), :attr:`standardize` (whether ``eta`` is a mean on
+    the value's scale that may be predicted on a standardised scale), :attr:`predicts_class` (class
+    labels: predicted by the most likely class, scored by accuracy), :meth:`options_from_data`
+    (options read off the training values, such as the number of classes) and
+    :meth:`point_prediction`.
 
     :param int num_keys: number of keys; per-key parameters get one entry per key.
     :param bool per_key: whether the nuisance parameter (if any) is one per key.
@@ -45,10 +53,14 @@ class Family(PyroModule):
     support: ClassVar[constraints.Constraint] = constraints.real
     #: whether values are integers (stored as floats in :class:`~pyro_efa.data.EFAData`)
     is_discrete: ClassVar[bool] = False
-    #: whether the mean of the distribution has a closed form used by :meth:`mean`
-    has_closed_form_mean: ClassVar[bool] = True
     #: a value inside the support, used to fill masked (padding) positions before ``log_prob``
     fill_value: ClassVar[float] = 0.0
+    #: whether ``eta[..., 0]`` is the mean in the value's units, so that a model may predict it on
+    #: a standardised scale (``value_center[k] + value_scale[k] * eta``; see :class:`EFAConfig`)
+    standardize: ClassVar[bool] = False
+    #: whether values are class labels: the point prediction is the most likely class (with its
+    #: probability) and the metric is accuracy rather than squared error
+    predicts_class: ClassVar[bool] = False
 
     def __init__(self, num_keys: int = 1, per_key: bool = False) -> None:
         self.num_keys = int(num_keys)
@@ -74,6 +86,29 @@ class Family(PyroModule):
     def mean(self, eta: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
         """Mean of :meth:`dist` (for categorical: the expected class probabilities)."""
         return self.dist(eta, key_index).mean
+
+    def point_prediction(self, d: TorchDistribution) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The point prediction of each value under ``d`` (from :meth:`dist`), and for class labels
+        the probability of the predicted class (``None`` otherwise). The default is the mean."""
+        return d.mean, None
+
+    @classmethod
+    def options_from_data(cls, x: torch.Tensor) -> dict[str, Any]:
+        """Options of the family read off the training values ``x`` (1-D) of its keys, used by
+        :meth:`EFA.from_data` for the options the user did not give (e.g. the number of classes).
+        The default is none."""
+        return {}
+
+    def reset_parameters(self) -> None:
+        """Set the nuisance parameters (if any) back to their initial values."""
+
+    @torch.no_grad()
+    def set_positive(self, name: str, value: float | torch.Tensor) -> None:
+        """Set the positive :class:`~pyro.nn.PyroParam` ``name`` to ``value`` (broadcast to its
+        shape), through its unconstrained storage."""
+        raw = getattr(self, f"{name}_unconstrained")
+        value = torch.as_tensor(value, dtype=raw.dtype, device=raw.device)
+        raw.copy_(transform_to(constraints.positive).inv(value).expand_as(raw))
 
     def as_observation(self, x: torch.Tensor) -> torch.Tensor:
         """Values (stored as floats) in the dtype :meth:`dist` expects (long for class indices)."""
@@ -124,7 +159,7 @@ def register_family(name: str) -> Callable[[type[Family]], type[Family]]:
 
     def decorator(cls: type[Family]) -> type[Family]:
         if name in FAMILIES:
-            raise ValueError(f"family {name!r} is already registered")
+            raise InputError(f"family {name!r} is already registered")
         cls.name = name
         FAMILIES[name] = cls
         return cls
@@ -142,5 +177,5 @@ def get_family(name: str | Family, **options: Any) -> Family:
     key = str(name).lower().replace("-", "_")
     if key not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
-        raise ValueError(f"unknown family {name!r}; known families: {known}")
+        raise InputError(f"unknown family {name!r}; known families: {known}")
     return FAMILIES[key](**options)

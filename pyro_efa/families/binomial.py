@@ -6,6 +6,7 @@ import torch
 from pyro.distributions import Binomial, TorchDistribution
 from torch.distributions import constraints
 
+from ..errors import InputError
 from .base import Family, register_family
 
 __all__ = ["BinomialFamily"]
@@ -30,7 +31,7 @@ class BinomialFamily(Family):
 
     def __init__(self, num_keys: int = 1, per_key: bool = False, total_count: int = 1) -> None:
         if int(total_count) != total_count or total_count < 1:
-            raise ValueError(f"total_count must be an integer >= 1, got {total_count!r}")
+            raise InputError(f"total_count must be an integer >= 1, got {total_count!r}")
         super().__init__(num_keys, per_key)
         self.total_count = int(total_count)
         # the support depends on the instance, so it shadows the class attribute

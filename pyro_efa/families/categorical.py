@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pyro.distributions import Categorical, TorchDistribution
 from torch.distributions import constraints
 
+from ..errors import InputError
 from .base import Family, register_family
 
 __all__ = ["CategoricalFamily"]
@@ -31,10 +34,11 @@ class CategoricalFamily(Family):
     """
 
     is_discrete = True
+    predicts_class = True
 
     def __init__(self, num_keys: int = 1, per_key: bool = False, num_categories: int = 2) -> None:
         if int(num_categories) != num_categories or num_categories < 2:
-            raise ValueError(f"num_categories must be an integer >= 2, got {num_categories!r}")
+            raise InputError(f"num_categories must be an integer >= 2, got {num_categories!r}")
         super().__init__(num_keys, per_key)
         self.num_categories = int(num_categories)
         # the support depends on the instance, so it shadows the class attribute
@@ -50,6 +54,16 @@ class CategoricalFamily(Family):
     def mean(self, eta: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``softmax(eta)``, shape ``batch + (num_categories,)``."""
         return torch.softmax(eta, dim=-1)
+
+    def point_prediction(self, d: TorchDistribution) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The most likely class (as a float, like the stored values) and its probability."""
+        prob, label = d.probs.max(-1)
+        return label.to(prob.dtype), prob
+
+    @classmethod
+    def options_from_data(cls, x: torch.Tensor) -> dict[str, Any]:
+        """``num_categories``: one more than the largest class index seen (at least 2)."""
+        return {"num_categories": max(2, int(x.max()) + 1) if x.numel() else 2}
 
     def as_observation(self, x: torch.Tensor) -> torch.Tensor:
         return x.long()

@@ -42,6 +42,11 @@ class GammaFamily(Family):
         shape = (self.num_keys,) if self.per_key else ()
         self.concentration = PyroParam(torch.full(shape, 2.0), constraint=constraints.positive)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The concentration back to its initial 2.0."""
+        self.set_positive("concentration", 2.0)
+
     def concentration_for(self, key_index: torch.Tensor) -> torch.Tensor:
         """The shape ``k`` for each entry of ``key_index`` (a scalar when shared)."""
         k = self.concentration

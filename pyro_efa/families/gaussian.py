@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from pyro.distributions import Normal, TorchDistribution
 from pyro.nn import PyroParam
-from torch.distributions import constraints, transform_to
+from torch.distributions import constraints
 
+from ..errors import InputError
 from .base import Family, register_family
 
 __all__ = ["GaussianFamily"]
@@ -32,17 +33,24 @@ class GaussianFamily(Family):
 
     support = constraints.real
     is_discrete = False
+    standardize = True
 
     def __init__(self, num_keys: int = 1, per_key: bool = False, scale: float | None = None) -> None:
         super().__init__(num_keys, per_key)
         self.fixed_scale = scale is not None
         if scale is not None:
             if not float(scale) > 0:
-                raise ValueError(f"scale must be positive, got {scale!r}")
+                raise InputError(f"scale must be positive, got {scale!r}")
             self.register_buffer("scale", torch.tensor(float(scale)))
         else:
             init = torch.ones(self.num_keys) if self.per_key else torch.tensor(1.0)
             self.scale = PyroParam(init, constraint=constraints.positive)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A learned scale back to 1."""
+        if not self.fixed_scale:
+            self.set_positive("scale", 1.0)
 
     def scale_for(self, key_index: torch.Tensor) -> torch.Tensor:
         """The standard deviation for each entry of ``key_index`` (a scalar when shared)."""
@@ -70,8 +78,7 @@ class GaussianFamily(Family):
             value = torch.where(n >= 2, (ss / n.clamp(min=1)).sqrt().clamp(min=1e-3), pooled)
         else:
             value = pooled
-        unconstrained = transform_to(constraints.positive).inv(value.to(self.scale_unconstrained.dtype))
-        self.scale_unconstrained.copy_(unconstrained.expand_as(self.scale_unconstrained))
+        self.set_positive("scale", value)
 
     def describe_support(self) -> str:
         return "real numbers"

@@ -42,6 +42,11 @@ class NegativeBinomialFamily(Family):
         shape = (self.num_keys,) if self.per_key else ()
         self.concentration = PyroParam(torch.full(shape, 10.0), constraint=constraints.positive)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The concentration back to its initial 10.0."""
+        self.set_positive("concentration", 10.0)
+
     def concentration_for(self, key_index: torch.Tensor) -> torch.Tensor:
         """The dispersion ``r`` for each entry of ``key_index`` (a scalar when shared)."""
         r = self.concentration
