@@ -75,9 +75,7 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------------------------------------
 # small helpers
 def _one_line(error: BaseException) -> str:
-    if isinstance(error, KeyError) and error.args:
-        text = str(error.args[0])
-    elif isinstance(error, FileNotFoundError) and error.filename is not None:
+    if isinstance(error, OSError) and error.filename is not None:
         text = f"{error.strerror or 'not found'}: {error.filename}"
     else:
         text = str(error) or type(error).__name__
@@ -915,7 +913,13 @@ def _add_evaluate_predict(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``pyro-efa`` command line; returns the exit code (2 for user errors)."""
+    """Run the ``pyro-efa`` command line; returns the exit code.
+
+    Input the library refuses (:class:`~pyro_efa.InputError`: data, options, files) and
+    operating-system errors (a file that cannot be read or written) print one line
+    ``pyro-efa: error: ...`` and return 2. Any other exception is a bug of pyro_efa and is raised
+    with its traceback.
+    """
     parser = build_parser()
     try:
         try:
@@ -923,6 +927,6 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help and --version
             return e.code if isinstance(e.code, int) else 0
         return int(args.handler(args))
-    except (ValueError, KeyError, FileNotFoundError, TypeError, FloatingPointError) as e:
+    except (InputError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2

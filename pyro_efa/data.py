@@ -28,7 +28,17 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["EFAData", "PrecisionWarning", "Vocabulary"]
+__all__ = [
+    "EFAData",
+    "PrecisionWarning",
+    "Vocabulary",
+    "data_schema",
+    "format_value",
+    "key_moments",
+    "label_sort_key",
+    "schema_from_json",
+    "schema_to_json",
+]
 
 OOV_LABEL = "<oov>"
 
@@ -78,6 +88,16 @@ class Vocabulary:
         labels = [tuple(x) if isinstance(x, list) else x for x in d["labels"]]
         feats = None if d["features"] is None else torch.tensor(d["features"], dtype=torch.float64)
         return cls(labels=labels, features=feats, oov=bool(d["oov"]))
+
+
+def format_value(x: float, dtype: torch.dtype) -> str:
+    """A stored value as its data would show it: float32 values with 7 significant digits (2.7,
+    not 2.700000047683716), float64 with 16, integers without a decimal part."""
+    x = float(x)
+    if x.is_integer() and abs(x) < 2**53:
+        return str(int(x)) + ".0"
+    digits = 7 if dtype == torch.float32 else 16
+    return f"{x:.{digits}g}"
 
 
 def data_schema(data: Any) -> dict[str, Any]:

@@ -104,10 +104,14 @@ def make_guide(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise InputError(f"guide {name!r} takes the option(s) {list(allowed)}, not {unknown}")
-    kwargs = {k: options.get(k, _DEFAULTS[k]) for k in allowed if k in options or k in _DEFAULTS}
+    kwargs = {
+        k: options[k] if k in options else _DEFAULTS[k] for k in allowed if k in options or k in _DEFAULTS
+    }
     if name in _PLATED:
         kwargs["create_plates"] = find_efa(model).create_plates
-    guide = cls(model, init_loc_fn=init_to_small(init_radius), **kwargs)
+    if name != "iaf":  # a flow starts at its own initialisation (AutoIAFNormal ignores init_loc_fn)
+        kwargs["init_loc_fn"] = init_to_small(init_radius)
+    guide = cls(model, **kwargs)
     setattr(guide, _RECIPE, {"name": name, "init_radius": init_radius, **options})
     return guide
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from .attention import EFAEncoder, context_mask
 from .config import EFAConfig
-from .data import EFAData
+from .data import EFAData, format_value
 from .errors import InputError
 from .families import FAMILIES, get_family
 
@@ -72,11 +72,12 @@ class EFA(PyroModule):
     :param EFAConfig config: a complete configuration (:attr:`EFAConfig.is_complete`).
     """
 
-    def __init__(self, config: EFAConfig) -> None:
-        if not isinstance(config, EFAConfig):
+    def __init__(self, config: EFAConfig | None = None, **options: Any) -> None:
+        if not isinstance(config, EFAConfig) or options:
+            given = f"options {sorted(options)}" if options else f"a {type(config).__name__}"
             raise TypeError(
-                f"EFA takes an EFAConfig, got {type(config).__name__}; build a model from data with "
-                "EFA.from_data(data, **options) or EFA(EFAConfig(...))"
+                f"EFA takes one EFAConfig, got {given}: build a model from data with "
+                "EFA.from_data(data, **options), or EFA(EFAConfig(...)) from a complete configuration"
             )
         if not config.is_complete:
             raise InputError(
@@ -522,7 +523,7 @@ class EFA(PyroModule):
                 if int(data.key_index[u, i]) < len(data.keys)
                 else "?"
             )
-            what = f"value {value!r} (key {key!r})"
+            what = f"value {format_value(value, data.values.dtype)} (key {key!r})"
         raise InputError(
             f"column {column!r}: {what} of unit {data.unit_labels[u]!r} {why}; {int(bad.sum())} such "
             "observation(s) in all"

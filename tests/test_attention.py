@@ -336,7 +336,9 @@ def layer_norm(y, norm):
         pytest.param(dict(num_heads=2, head_dim=3), id="2heads"),
         pytest.param(dict(num_heads=2, head_dim=3, layer_norm=True, ff_dim=5), id="2heads-ln-ff"),
         pytest.param(dict(num_heads=2, head_dim=3, residual=False, pool="sum"), id="2heads-sum-nores"),
-        pytest.param(dict(num_heads=1, attention="uniform", project=False, residual=False), id="uniform-noproj"),
+        pytest.param(
+            dict(num_heads=1, attention="uniform", project=False, residual=False), id="uniform-noproj"
+        ),
     ],
 )
 def test_attention_block_matches_oracle(f64, kwargs):

@@ -20,8 +20,8 @@ import pytest
 import torch
 from helpers import error_line, metric_block
 
-from pyro_efa.cli import main
 from pyro_efa.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from pyro_efa.cli import main
 from pyro_efa.streaming import unit_hash
 
 TINY = ["--dim", "8", "--layers", "1", "--heads", "1", "--no-progress"]

@@ -221,6 +221,9 @@ def test_awkward_valid_tables_fit(table, direction: str) -> None:
 
 
 def _cli(args: list[str]) -> tuple[int, str, str]:
+    """Run the CLI in this process. ``main`` returns 2 only for the library's own refusals
+    (``pyro_efa.InputError``, a ValueError) and operating-system errors; any other exception (from
+    torch, pandas, Pyro) propagates here and fails the test."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         code = main(args)

@@ -8,7 +8,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_efa import EFA, EFAConfig, EFAData, Vocabulary
+from pyro_efa import EFA, EFAConfig, EFAData, InputError, Vocabulary
 from pyro_efa.datasets import synthetic_ratings
 
 KEYS = ["a", "b", "c", "d"]
@@ -119,13 +119,29 @@ def test_efe_is_a_configuration_of_efa():
         pytest.param({}, id="default"),
         pytest.param(dict(attend_self=False, num_layers=1), id="noself-L1"),
         pytest.param(dict(context_stream="fixed", num_layers=3), id="fixed-L3"),
+        pytest.param(dict(encoding="per_target", num_layers=2), id="per-target-L2"),
     ],
 )
-def test_bi_single_observation_unit_is_finite(kwargs):
+def test_bi_single_observation_unit_predicts_its_intercept(kwargs):
+    """No context, no information: a bidirectional unit with one observation gets the natural
+    parameter of its key's intercept, mean = value_center + value_scale * b for a standardised
+    Gaussian key, whatever the network; gradients stay finite."""
     data = make_data("gaussian", (1, 1, 4))
     model = EFA.from_data(data, direction="bi", **kwargs)
+    with torch.no_grad():
+        model.intercept.normal_()  # a non-trivial intercept
     eta, vals = trace_values(model, model.natural_params, data)
     assert torch.isfinite(eta[data.mask]).all()
+    for u in (0, 1):  # the two single-observation units
+        k = int(data.key_index[u, 0])
+        expected = (model.value_center[k] + model.value_scale[k] * model.intercept[k]).detach()
+        assert float(eta[u, 0, 0].detach()) == pytest.approx(float(expected), rel=1e-6)
+    rows = data.mask[2]  # the unit of four observations does use its context
+    assert not torch.allclose(
+        eta[2, rows, 0].detach(),
+        model.value_center[data.key_index[2, rows]]
+        + model.value_scale[data.key_index[2, rows]] * model.intercept[data.key_index[2, rows]],
+    )
     alpha = vals["alpha"].detach().requires_grad_(True)
     rho = vals["rho"].detach().requires_grad_(True)
     with pyro.poutine.condition(data={"alpha": alpha, "rho": rho}):
@@ -134,6 +150,51 @@ def test_bi_single_observation_unit_is_finite(kwargs):
     loss.backward()
     grads = [alpha.grad, rho.grad] + [p.grad for p in model.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# initial weights: reset_parameters replays the constructor's draws
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        pytest.param("gaussian", {}, id="valued"),
+        pytest.param("gaussian", dict(layer_norm=True, ff_dim=8, num_layers=3), id="ln-ff"),
+        pytest.param("gaussian", dict(value_embedding="linear"), id="linear-values"),
+        pytest.param("items", dict(direction="bi", context_stream="fixed"), id="items"),
+        pytest.param("efe", {}, id="efe"),
+    ],
+)
+def test_reset_parameters_replays_the_constructor(kind, kwargs):
+    data = make_data("items" if kind == "items" else "gaussian", (2, 5))
+    build = (lambda: EFA.efe(data)) if kind == "efe" else (lambda: EFA.from_data(data, **kwargs))
+    pyro.set_rng_seed(7)
+    built = build()
+    other = build()  # another random state: different weights
+    pyro.set_rng_seed(7)
+    other.reset_parameters()
+    for name, value in built.state_dict().items():
+        assert torch.equal(value, other.state_dict()[name]), name
+
+
+def test_lookup_value_embedding_refuses_values_it_cannot_look_up():
+    df = pd.DataFrame({"unit": [1, 1, 2, 2], "key": ["a", "b", "a", "b"], "x": [0.0, 2.0, 1.0, 2.0]})
+    train = EFAData.from_pandas(df, "unit", "key", "x")
+    model = EFA.from_data(train, value_embedding="lookup", dim=4)
+    assert model.config.num_value_levels == 3
+    model.validate(train)
+    for bad, why in ((2.7, "2.7"), (3.0, "3.0"), (-1.0, "-1.0")):
+        test = EFAData.from_pandas(df.assign(x=[0.0, bad, 1.0, 2.0]), "unit", "key", "x", keys=train.keys)
+        with pytest.raises(InputError, match=f"value {why} .*lookup.*integers 0..2"):
+            model.validate(test)
+    # context-only observations are looked up too (they feed the contexts)
+    ctx = EFAData.from_pandas(
+        df.assign(x=[0.0, 2.5, 1.0, 2.0], c=[False, True, False, False]), "unit", "key", "x", context="c",
+        keys=train.keys,
+    )  # fmt: skip
+    with pytest.raises(InputError, match="value 2.5"):
+        model.validate(ctx)
 
 
 # ----------------------------------------------------------------------------------------------

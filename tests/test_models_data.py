@@ -23,7 +23,12 @@ from pyro_efa import EFAConfig, FitOptions, models
 from pyro_efa.models import instacart, movielens, synthetic, temperature
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-_MODULES = {"synthetic": synthetic, "instacart": instacart, "movielens": movielens, "temperature": temperature}
+_MODULES = {
+    "synthetic": synthetic,
+    "instacart": instacart,
+    "movielens": movielens,
+    "temperature": temperature,
+}
 
 
 def _module(name: str):

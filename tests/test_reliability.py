@@ -410,15 +410,22 @@ def test_gaussian_values_near_1e8_train_like_small_ones() -> None:
 def test_poisson_counts_near_1e6_train() -> None:
     from pyro_efa import evaluate
 
-    """Counts 1e6 + 1000 * rating (log link: eta near 13.8): finite losses and a fit that explains
-    a good part of the variance (measured: MSE / variance 0.56 with 1500 training users)."""
+    """Counts 1e6 + 1000 * rating (log link: eta near 13.8): finite losses and a fit that beats
+    the intercept-only model, each key's training mean (measured with 800 users: MSE 0.69 of the
+    variance for the fit, 0.96 for the intercept-only model)."""
     train, test = _ratings(800, lambda r: np.round(1e6 + 1e3 * r).clip(0))
     torch.manual_seed(0)
     f = fit(EFA.from_data(train, family="poisson", **SMALL), train, num_epochs=8, lr=3e-3, progress=False)
     assert all(np.isfinite(f.losses)) and f.losses[-1] < f.losses[0]
     m = evaluate(f, test)
-    x = test.values[test.target & test.mask].double()
-    assert np.isfinite(m["nll"]) and m["mse"] < 0.9 * float(x.var())  # better than the marginal mean
+    held_out = test.target & test.mask
+    x, keys = test.values[held_out].double(), test.key_index[held_out]
+    trained = train.target & train.mask
+    key_mean = torch.zeros(len(train.keys), dtype=torch.float64).index_add_(
+        0, train.key_index[trained], train.values[trained].double()
+    ) / torch.bincount(train.key_index[trained], minlength=len(train.keys)).clamp(min=1)
+    intercept_only = float(((x - key_mean[keys]) ** 2).mean())
+    assert np.isfinite(m["nll"]) and m["mse"] < intercept_only, (m["mse"], intercept_only, float(x.var()))
 
 
 def test_float32_precision_loss_is_reported() -> None:
