@@ -41,9 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyro_efa.models import synthetic, temperature
-
 from pyro_efa import models
+from pyro_efa.models import synthetic, temperature
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_DIR = models.DATA_DIR

@@ -38,11 +38,11 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro_efa.models import DATA_DIR, get, smoke_splits
 
 import pyro_efa
 from pyro_efa import EFA, EFAConfig, EFAData, FitOptions, evaluate, fit
 from pyro_efa.infer import Trainer
+from pyro_efa.models import DATA_DIR, get, smoke_splits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_ITEMS_UNI = 3.4438

@@ -32,6 +32,7 @@ from pyro_efa import EFA, EFAConfig, EFAData, FitOptions, evaluate, fit
 
 __all__ = ["DATA_DIR", "Experiment", "Splits", "data_dir", "parser", "run_cli", "smoke_splits"]
 
+#: train, validation and test units of an experiment
 Splits = tuple[EFAData, EFAData, EFAData]
 
 #: where the data sets are read from: ``$PYRO_EFA_DATA``, else ``shared/data`` beside the checkout

@@ -39,9 +39,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 
 from pyro_efa import EFAData
+from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 
 __all__ = ["EXPERIMENT", "load"]
 
@@ -65,6 +65,7 @@ def load(data_dir: str | Path = DATA_DIR, seed: int = 42) -> Splits:
     return train, val, test
 
 
+#: baskets as item sequences over 63 products
 EXPERIMENT = Experiment(
     name="instacart",
     metric="nll",

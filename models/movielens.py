@@ -62,9 +62,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 
 from pyro_efa import EFAData
+from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 
 __all__ = ["ITEMS", "RATINGS", "load_items", "load_ratings", "read_ratings"]
 
@@ -121,6 +121,7 @@ def load_ratings(data_dir: str | Path = DATA_DIR, seed: int = 42) -> Splits:
     return _split(data, seed)
 
 
+#: watch histories as item sequences over the 50 most-rated movies
 ITEMS = Experiment(
     name="movielens_items",
     metric="nll",
@@ -136,6 +137,7 @@ ITEMS = Experiment(
     kind="items",
     max_len_from_splits=True,
 )
+#: 3-5 star ratings as Poisson counts 0-2, keyed by movie
 RATINGS = Experiment(
     name="movielens_ratings",
     metric="nll_no_base",

@@ -33,10 +33,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyro_efa.models.base import Experiment, Splits, parser, run_cli
-
 from pyro_efa import EFAData
 from pyro_efa.datasets import synthetic_ratings
+from pyro_efa.models.base import Experiment, Splits, parser, run_cli
 
 __all__ = ["EXPERIMENT", "load"]
 
@@ -64,6 +63,7 @@ def _load(_: Path) -> Splits:
     return load()
 
 
+#: the paper's synthetic ratings (generated in code)
 EXPERIMENT = Experiment(
     name="synthetic",
     metric="mse",

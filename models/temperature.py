@@ -79,9 +79,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 
 from pyro_efa import EFAData
+from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 
 __all__ = ["EXPERIMENTS", "knn_baseline", "load", "read_temperatures", "ridge_baseline"]
 
@@ -244,6 +244,7 @@ def _load_splits(data_dir: Path, lags: int) -> Splits:
     return load(data_dir, lags=lags)
 
 
+#: the October temperature experiments by number of lag days (0, 1, 2)
 EXPERIMENTS = {lags: _experiment(lags) for lags in (0, 1, 2)}
 
 

@@ -30,7 +30,9 @@ __all__ = [
     "set_rng_state",
 ]
 
+#: the format tag a checkpoint file carries
 CHECKPOINT_FORMAT = "pyro_efa.checkpoint/1"
+#: the file name of a checkpoint inside ``checkpoint_dir``
 CHECKPOINT_NAME = "checkpoint.pt"
 
 

@@ -725,6 +725,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 # the parser
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``pyro-efa`` command line (its subcommands demo, fit, evaluate, predict)."""
     parser = _Parser(
         prog=PROG,
         description="Exponential family attention (EFA) as a Pyro model: fit, evaluate, predict.",
@@ -743,8 +744,8 @@ def _add_demo(sub: Any) -> None:
         "demo",
         help="the paper's synthetic ratings experiment (EFA vs EFE, uni and bi)",
         description="Generate the synthetic ratings data of the paper (numpy seed 42), train on the "
-        "first 75%% of users (25%% of them for early stopping) and report the test MSE of the last "
-        "25%% for EFA and the EFE baseline, unidirectional and bidirectional.",
+        "first 75% of users (25% of them for early stopping) and report the test MSE of the last "
+        "25% for EFA and the EFE baseline, unidirectional and bidirectional.",
     )
     demo.add_argument("--num-users", type=int, default=10_000, help="number of users (default 10000)")
     demo.add_argument("--num-epochs", type=int, default=100, help="most epochs per fit (default 100)")

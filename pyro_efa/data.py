@@ -85,6 +85,7 @@ class Vocabulary:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Vocabulary:
+        """The vocabulary written by :meth:`to_dict`."""
         labels = [tuple(x) if isinstance(x, list) else x for x in d["labels"]]
         feats = None if d["features"] is None else torch.tensor(d["features"], dtype=torch.float64)
         return cls(labels=labels, features=feats, oov=bool(d["oov"]))
@@ -265,6 +266,7 @@ class EFAData:
 
     @property
     def max_len(self) -> int:
+        """Length of the longest unit (the padded width ``L``)."""
         return self.mask.size(-1)
 
     @property

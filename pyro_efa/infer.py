@@ -51,7 +51,7 @@ from .files import write_torch
 from .guides import guide_name, make_guide, recipe
 from .model import find_efa, reset_parameters
 from .results import EFAFit, TrainUnits
-from .scoring import Scorer
+from .scoring import Scorer, model_device
 
 __all__ = ["Trainer", "fit"]
 
@@ -161,7 +161,7 @@ class Trainer:
         self.efa = find_efa(model)
         self._check_data()
         self._initialise()
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         if self.world > 1 and device is None and distributed.device().type == "cuda":
             self.device = distributed.device()
         model.to(self.device)
@@ -474,12 +474,6 @@ def _check_guide(guide: Any) -> torch.nn.Module:
             "function in an AutoGuideList (guide.append(fn)) or write it as a PyroModule"
         )
     return guide
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:

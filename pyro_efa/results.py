@@ -32,6 +32,7 @@ class TrainUnits:
 
     @classmethod
     def of(cls, data: EFAData) -> TrainUnits:
+        """The units of ``data`` (its labels, unit-plate indices and plate size)."""
         return cls(labels=data.unit_labels, index=data.unit_index, num_units=data.num_units)
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "amortized",
     "eval_mode",
     "log_base_measure",
+    "model_device",
     "per_unit_sites",
     "seeded",
 ]
@@ -161,7 +162,8 @@ def log_base_measure(efa: EFA, data: EFAData) -> torch.Tensor:
     return out
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (the CPU for an empty module)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return torch.device("cpu")
@@ -186,12 +188,9 @@ class Scorer:
         self.efa = fit.efa
         if validate:
             self.efa.validate(data)
-        self.device = _model_device(fit.model)
-        self.data = data
-        self.data = self._units_for_guide(data)
-        self.batches = [
-            (idx, self.data.subset(idx).to(self.device)) for idx in torch.arange(len(data)).split(batch_size)
-        ]
+        self.device = model_device(fit.model)
+        self.data = self._units_for_guide(data).to(self.device)  # the guide reads all of it
+        self.batches = [(idx, self.data.subset(idx)) for idx in torch.arange(len(data)).split(batch_size)]
 
     # -- latent values -----------------------------------------------------------------------------
     def latents(self, plug_in: bool = True) -> Latents:
@@ -215,7 +214,7 @@ class Scorer:
         :param bool sample: also draw every target from its conditional (:attr:`Scores.draw`).
         :param bool eta: also keep the natural parameters (:attr:`Scores.eta`).
         """
-        values = self.data.values.to(self.device)
+        values = self.data.values
         nan = torch.full_like(values, float("nan"))
         out = Scores(
             loglik=torch.zeros_like(values),
@@ -362,7 +361,7 @@ def _probe_batch(fit: EFAFit, training_units: bool = True) -> EFAData:
     index = train.index[:4] if train is not None else torch.zeros(1, dtype=torch.long)
     n = len(index)
     family = efa.families[int(efa.key_family[0])]
-    device = _model_device(fit.model)
+    device = model_device(fit.model)
     return EFAData(
         kind=efa.kind,
         key_index=torch.zeros(n, 1, dtype=torch.long, device=device),

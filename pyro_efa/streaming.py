@@ -242,6 +242,7 @@ class StreamingUnits:
 
     @property
     def max_len(self) -> int:
+        """Length of the longest unit over every shard."""
         return max((s.max_len for s in self.shards), default=0)
 
     def check_with(self, check: Callable[[EFAData], None] | None) -> None:

@@ -151,6 +151,7 @@ class Family(PyroModule):
         return f"num_keys={self.num_keys}, per_key={self.per_key}"
 
 
+#: the registered families by name (:func:`register_family` adds one, :func:`get_family` builds one)
 FAMILIES: dict[str, type[Family]] = {}
 
 
