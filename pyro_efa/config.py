@@ -382,9 +382,11 @@ class FitOptions(_Options):
         keeps it constant.
     :param int lr_patience: epochs without improvement tolerated before each reduction.
     :param int patience: epochs without validation improvement before training stops.
-    :param int seed: seeds the network's initial weights, the guide's initial values, the batch
+    :param int seed: seeds the network's initial weights, the guide's initial values (and the
+        weights of a guide object's submodules with a ``reset_parameters()`` method), the batch
         order and every draw: ``fit(..., seed=s)`` alone makes a fit reproducible. Parameters
-        frozen with ``requires_grad=False`` (a network fixed at an earlier fit) keep their values.
+        frozen with ``requires_grad=False`` (a network fixed at an earlier fit) keep their values;
+        plain ``nn.Parameter`` attributes of your own modules keep the values you gave them.
     :param bool init_network: draw the network's initial weights from ``seed`` (the default);
         ``False`` starts from the weights the model holds (a warm start, e.g. fine-tuning an earlier
         fit: the fit is then reproducible together with those weights).

@@ -12,7 +12,9 @@ The network weights are point estimates in every case; a guide covers the latent
 embedding tables ``alpha`` and ``rho``, and any latent site of a larger model).
 
 Named guides start the embedding tables small (:func:`init_to_small`: uniform in ``(-0.05,
-0.05)``; draws from the ``Normal(0, 1)`` prior train much worse) and can be saved with
+0.05)``; draws from the ``Normal(0, 1)`` prior train much worse) and the posterior standard
+deviations of Normal guides at ``init_scale=0.01`` (an ``AutoNormal`` you build yourself starts
+at Pyro's 0.1 unless you pass ``init_scale``); they can be saved with
 :func:`pyro_efa.save`: the name and options are stored and the guide is rebuilt on load. A guide
 object given to :func:`pyro_efa.fit` cannot be rebuilt from a file; keep its ``state_dict()``
 yourself.

@@ -160,12 +160,13 @@ class Trainer:
             raise InputError("lr_decay reacts to the validation NLL: pass val_data too")
         self.efa = find_efa(model)
         self._check_data()
-        self._initialise()
+        given = None if isinstance(guide, str) else _check_guide(guide)
+        self._initialise(given)
         self.device = torch.device(device) if device is not None else model_device(model)
         if self.world > 1 and device is None and distributed.device().type == "cuda":
             self.device = distributed.device()
         model.to(self.device)
-        self.guide = make_guide(model, guide) if isinstance(guide, str) else _check_guide(guide)
+        self.guide = make_guide(model, guide) if given is None else given
         self._setup_loss()
         self.ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
         if self.ckpt_path is not None and self.rank == 0:
@@ -194,13 +195,16 @@ class Trainer:
         if self.val_data is not None:
             self.efa.validate(self.val_data)
 
-    def _initialise(self) -> None:
-        # the network's initial weights from the seed, then the intercepts at the marginal fit;
-        # parameters frozen by the user (requires_grad=False) keep their values
+    def _initialise(self, guide: torch.nn.Module | None) -> None:
+        # the network's initial weights from the seed (and those of a guide object's modules),
+        # then the intercepts at the marginal fit; parameters frozen by the user
+        # (requires_grad=False) keep their values
         frozen = {n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad}
         if self.options.init_network:
             pyro.set_rng_seed(self.options.seed)
             reset_parameters(self.model)
+            if guide is not None:
+                reset_parameters(guide, skip=self.model)
         pyro.set_rng_seed(self.options.seed)  # everything after the weights draws from the seed too
         if self.options.init_intercept:
             self.efa.init_intercept(self.data if isinstance(self.data, EFAData) else self.data.sample())

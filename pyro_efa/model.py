@@ -597,18 +597,21 @@ def find_efa(model: torch.nn.Module) -> EFA:
     raise TypeError(f"{type(model).__name__} holds no EFA module")
 
 
-def reset_parameters(model: torch.nn.Module) -> None:
+def reset_parameters(model: torch.nn.Module, skip: torch.nn.Module | None = None) -> None:
     """Draw the initial weights of ``model`` again from the current random state: every
     :class:`EFA` inside it by :meth:`EFA.reset_parameters`, every other submodule with a
     ``reset_parameters()`` method (``nn.Linear``, ``nn.LayerNorm``, ...) by that method, in
-    module order. Plain ``nn.Parameter`` attributes of a larger model are left as they are."""
-    skip: set[int] = set()
+    module order. Plain ``nn.Parameter`` attributes of a larger model are left as they are.
+
+    :param skip: a module whose submodules are left alone (a guide that holds the model).
+    """
+    skip_ids: set[int] = {id(m) for m in skip.modules()} if skip is not None else set()
     for module in model.modules():
-        if id(module) in skip:
+        if id(module) in skip_ids:
             continue
         if isinstance(module, EFA):
             module.reset_parameters()
-            skip.update(id(m) for m in module.modules())
+            skip_ids.update(id(m) for m in module.modules())
         elif module is not model and hasattr(module, "reset_parameters"):
             module.reset_parameters()
 

@@ -45,7 +45,8 @@ class EFAFit:
     :ivar str guide_name: the name of a guide built by name (``"map"``, ``"normal"``, ...; see
         :data:`pyro_efa.guides.GUIDES`), else the guide's class name.
     :ivar list losses: mean training loss (negative ELBO per observation) of each epoch.
-    :ivar list val_nll: validation NLL per observation after each epoch (empty without
+    :ivar list val_nll: validation NLL per observation after each epoch, at the plug-in values,
+        with the base measure (``evaluate(...)["nll"]``, not ``"nll_no_base"``; empty without
         validation data).
     :ivar int best_epoch: the epoch whose state was restored (1-based; the last without
         validation data).

@@ -441,7 +441,7 @@ def test_autonormal_natural_params_agree_with_nuts() -> None:
 
     # AutoNormal over alpha and rho only, full batch, through pyro_efa.fit
     vi = fit(
-        model, data, guide="normal", num_epochs=2000, batch_size=len(data), lr=0.01, num_particles=4,
+        model, data, guide="normal", num_epochs=800, batch_size=len(data), lr=0.01, num_particles=4,
         init_intercept=False, seed=1, progress=False,
     )  # fmt: skip
     eta_vi = natural_param_draws(vi, data, num_samples=500, seed=0)

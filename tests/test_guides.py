@@ -132,3 +132,33 @@ def test_a_per_unit_guide_with_parameters_is_not_amortized() -> None:
     model = RandomIntercept(EFA.from_data(data, name="efa", **TINY))
     f = fit(model, data, guide="normal", num_epochs=1, batch_size=4, progress=False)
     assert not amortized(f)
+
+
+class LinearIntercept(PyroModule):
+    """An amortized guide whose encoder is an ``nn.Linear`` (weights drawn at construction)."""
+
+    def __init__(self, model: RandomIntercept) -> None:
+        super().__init__()
+        self.globals = AutoNormal(poutine.block(model, hide=["u"]), init_loc_fn=init_to_small())
+        self.plates = model.efa.create_plates
+        self.encoder = torch.nn.Linear(1, 2)
+
+    def forward(self, data: EFAData, sample: bool = False) -> None:
+        self.globals(data)
+        seen = data.target & data.mask
+        mean = (data.values * seen).sum(-1, keepdim=True) / seen.sum(-1, keepdim=True).clamp(min=1)
+        loc, raw = self.encoder(mean).unbind(-1)
+        with self.plates(data):
+            pyro.sample("u", dist.Normal(loc.unsqueeze(-1), torch.nn.functional.softplus(raw).unsqueeze(-1)))
+
+
+def test_the_seed_also_draws_a_guide_objects_weights() -> None:
+    data = intercept_data(16)
+    losses = []
+    for state in (1, 2):
+        pyro.set_rng_seed(state)  # the model and the guide's encoder drawn from other states
+        model = RandomIntercept(EFA.from_data(data, name="efa", **TINY))
+        guide = LinearIntercept(model)
+        f = fit(model, data, guide=guide, num_epochs=2, batch_size=4, seed=9, progress=False)
+        losses.append(f.losses)
+    assert losses[0] == losses[1]
