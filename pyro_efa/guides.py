@@ -38,7 +38,7 @@ from pyro.infer.autoguide import (
 )
 
 from .errors import InputError
-from .model import find_efa
+from .model import EFA, find_efa
 
 __all__ = ["GUIDES", "guide_name", "init_to_small", "is_point_estimate", "make_guide", "recipe"]
 
@@ -110,12 +110,29 @@ def make_guide(
         k: options[k] if k in options else _DEFAULTS[k] for k in allowed if k in options or k in _DEFAULTS
     }
     if name in _PLATED:
-        kwargs["create_plates"] = find_efa(model).create_plates
+        kwargs["create_plates"] = _unit_plate_if_needed(find_efa(model), lambda: guide)
     if name != "iaf":  # a flow starts at its own initialisation (AutoIAFNormal ignores init_loc_fn)
         kwargs["init_loc_fn"] = init_to_small(init_radius)
     guide = cls(model, **kwargs)
     setattr(guide, _RECIPE, {"name": name, "init_radius": init_radius, **options})
     return guide
+
+
+def _unit_plate_if_needed(efa: EFA, guide: Callable[[], AutoGuide]) -> Callable[..., Any]:
+    """``create_plates`` for an autoguide: the model's unit plate when a latent site of the guide
+    sits in it (per-unit latents of a larger model), else none. A subsampled plate is rebuilt at
+    every step, which costs a sizeable part of Pyro's overhead when nothing uses it."""
+    needed: list[bool] = []
+
+    def create_plates(data: Any, *args: Any, **kwargs: Any) -> Any:
+        if not needed:
+            trace = guide().prototype_trace
+            units = efa.site_name("units")
+            sites = trace.iter_stochastic_nodes() if trace is not None else []
+            needed.append(any(f.name == units for _, site in sites for f in site["cond_indep_stack"]))
+        return efa.create_plates(data) if needed[0] else []
+
+    return create_plates
 
 
 def recipe(guide: Any) -> dict[str, Any] | None:
