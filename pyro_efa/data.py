@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,7 +79,7 @@ class Vocabulary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (labels as lists)."""
-        labels = [list(x) if isinstance(x, tuple) else _json_scalar(x) for x in self.labels]
+        labels = [_label_json(x) for x in self.labels]
         feats = None if self.features is None else self.features.tolist()
         return {"labels": labels, "features": feats, "oov": self.oov}
 
@@ -102,25 +102,48 @@ def format_value(x: float, dtype: torch.dtype) -> str:
 
 
 def data_schema(data: Any) -> dict[str, Any]:
-    """What a fit keeps of its training data: its kind, column names and vocabularies."""
-    return {"kind": data.kind, "columns": data.columns, "keys": data.keys, "items": data.items}
+    """What a fit keeps of its training data: its kind, column names and vocabularies (keys,
+    items, and the classes of keys with class labels)."""
+    return {
+        "kind": data.kind,
+        "columns": data.columns,
+        "keys": data.keys,
+        "items": data.items,
+        "classes": dict(getattr(data, "classes", {}) or {}),
+    }
 
 
 def schema_to_json(schema: dict[str, Any]) -> dict[str, Any]:
     """:func:`data_schema` as JSON-serialisable values."""
     items = schema["items"]
-    return {**schema, "keys": schema["keys"].to_dict(), "items": None if items is None else items.to_dict()}
+    classes = [[_label_json(k), v.to_dict()] for k, v in schema.get("classes", {}).items()]
+    return {
+        **schema,
+        "keys": schema["keys"].to_dict(),
+        "items": None if items is None else items.to_dict(),
+        "classes": classes,
+    }
 
 
 def schema_from_json(d: dict[str, Any]) -> dict[str, Any]:
     """The schema written by :func:`schema_to_json`."""
     items = d["items"]
+    classes = {_label_from_json(k): Vocabulary.from_dict(v) for k, v in d.get("classes", [])}
     return {
         "kind": d["kind"],
         "columns": d["columns"],
         "keys": Vocabulary.from_dict(d["keys"]),
         "items": None if items is None else Vocabulary.from_dict(items),
+        "classes": classes,
     }
+
+
+def _label_json(x: Any) -> Any:
+    return [_json_scalar(v) for v in x] if isinstance(x, tuple) else _json_scalar(x)
+
+
+def _label_from_json(x: Any) -> Any:
+    return tuple(x) if isinstance(x, list) else x
 
 
 def _json_scalar(x: Any) -> Any:
@@ -144,6 +167,10 @@ class EFAData:
     :ivar Vocabulary items: item vocabulary (items data only).
     :ivar list unit_labels: the original unit identifiers.
     :ivar dict columns: the column names the data came from.
+    :ivar dict classes: for keys whose values are class labels (strings, a pandas Categorical),
+        key label to the :class:`Vocabulary` of its classes; ``values`` hold the class codes.
+    :ivar dict missing: with ``missing="drop"``, how many observations of each key were left out
+        (key label to count; ``"<units>"``: the labels of units that had nothing else).
     """
 
     kind: str
@@ -157,6 +184,8 @@ class EFAData:
     items: Vocabulary | None
     unit_labels: list[Any]
     columns: dict[str, Any]
+    classes: dict[Any, Vocabulary] = dataclasses.field(default_factory=dict)
+    missing: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -171,16 +200,21 @@ class EFAData:
         *,
         keys: Vocabulary | None = None,
         items: Vocabulary | None = None,
+        classes: Mapping[Any, Vocabulary] | None = None,
         oov: bool = False,
         ties: str = "error",
+        missing: str = "error",
+        na_values: Sequence[Any] | None = None,
     ) -> EFAData:
         """Build units from a long-format table, one row per observation.
 
         :param ~pandas.DataFrame df: the table.
         :param str unit: column identifying the unit (user, basket, day).
         :param key: key column, or several numeric columns (coordinates, a lag) forming one key.
-        :param str value: value column. Omit it for item sequences: the ``key`` column then holds
-            the items and the key of each observation is its position.
+        :param str value: value column: numbers, or class labels of a categorical key (strings, a
+            pandas Categorical; an object column may hold numbers for some keys and labels for
+            others). Omit it for item sequences: the ``key`` column then holds the items and the
+            key of each observation is its position.
         :param str order: column giving the order of observations within a unit (time stamps,
             ranks). Without it the row order of ``df`` is kept.
         :param str context: optional boolean column; True marks context-only observations, which
@@ -188,9 +222,15 @@ class EFAData:
         :param Vocabulary keys: a fitted key vocabulary (at predict time); new keys are an error
             unless it has an OOV row.
         :param Vocabulary items: a fitted item vocabulary (items data at predict time).
+        :param dict classes: fitted class vocabularies by key label (at predict time).
         :param bool oov: when building a new vocabulary, add an explicit out-of-vocabulary row.
         :param str ties: ``"error"`` (default) rejects two observations of one unit with the same
             ``order`` value; ``"keep"`` keeps their row order.
+        :param str missing: ``"error"`` (default) refuses a missing value (NaN, or one of
+            ``na_values``); ``"drop"`` leaves the observation out of its unit (it is never used as
+            a value) and counts it in :attr:`missing`.
+        :param na_values: values of the value column that mean "not observed" (e.g. ``[-99]``;
+            the name of pandas' ``read_csv`` option).
         :raises ValueError: for a missing column, an empty table, NaN / inf / non-numeric values,
             duplicate order values (with ``ties="error"``), or keys not in ``keys``.
         """
@@ -200,6 +240,9 @@ class EFAData:
         }  # fmt: skip
         _check_table(df, columns, ties)
         kind = "valued" if value is not None else "items"
+        left_out: dict[Any, Any] = {}
+        if value is not None:
+            df, left_out = _leave_out_missing(df, columns, missing, na_values)
         # Vectorised throughout (no per-row Python objects, no copy of the table): 10 million rows
         # take seconds. Units are numbered in sorted label order, rows ordered within each unit.
         unit_codes, unit_labels = _factorize_sorted(df[unit], unit)
@@ -210,12 +253,13 @@ class EFAData:
             vals, key_codes, keys, item_vocab = _encode_items(df, key_cols[0], keys, items, oov)
         else:
             assert value is not None
-            vals = _numeric_values(df, value, unit)
             key_codes, keys = _encode_keys(df, key_cols, keys, oov)
+            vals, classes = _encode_values(df, value, unit, key_codes, keys, classes)
         is_target = None if context is None else ~_context_column(df, context)
         return cls._padded(
             kind, codes, perm, key_codes, vals, is_target, len(unit_labels),
             keys=keys, items=item_vocab, unit_labels=list(unit_labels), columns=columns,
+            classes=dict(classes or {}) if kind == "valued" else {}, missing=left_out,
         )  # fmt: skip
 
     @classmethod
@@ -359,6 +403,54 @@ class EFAData:
         s2 = np.bincount(keys, weights=x * x, minlength=num_keys)
         return n, s1, s2
 
+    def conform(self, schema: Mapping[str, Any]) -> EFAData:
+        """This data in the vocabularies of ``schema`` (a fit's :attr:`~pyro_efa.EFAFit.schema`):
+        key indices, item indices and class codes re-mapped by label, so that data built on its
+        own (another key set, another row order) means what the fit's training data meant.
+
+        :raises ValueError: for a label the vocabularies do not hold (a key, item or class unseen
+            in training; unseen keys and items go to the out-of-vocabulary row of a vocabulary
+            built with ``oov=True``), naming the column and the labels.
+        """
+        if schema["kind"] != self.kind:
+            raise InputError(f"the fit is for {schema['kind']!r} data, got {self.kind!r} data")
+        out = self
+        keys, items, classes = schema["keys"], schema["items"], schema.get("classes", {})
+        if self.keys is not keys and self.keys.labels != keys.labels:
+            column = ", ".join(self.columns.get("key") or ["key"])
+            index = torch.as_tensor(keys.lookup(self.keys.labels, column))
+            out = dataclasses.replace(
+                out, key_index=torch.where(self.mask, index[self.key_index], 0), keys=keys
+            )
+        if self.kind == "items" and self.items is not items and self.items.labels != items.labels:
+            column = (self.columns.get("key") or ["item"])[0]
+            index = torch.as_tensor(items.lookup(self.items.labels, column), dtype=self.values.dtype)
+            values = torch.where(self.mask, index[self.values.long()], 0.0)
+            out = dataclasses.replace(out, values=values, items=items)
+        if self.classes or classes:
+            out = out._conform_classes(classes)
+        return out
+
+    def _conform_classes(self, classes: Mapping[Any, Vocabulary]) -> EFAData:
+        # class codes of each key with class labels, in the fit's class vocabulary of that key
+        values = self.values.clone()
+        for label, vocab in self.classes.items():
+            if label not in classes:
+                raise InputError(
+                    f"key {label!r} holds class labels, but the fit learned numbers for it; build the "
+                    "data as the training data was built"
+                )
+            fitted = classes[label]
+            if vocab is fitted or vocab.labels == fitted.labels:
+                continue
+            index = torch.as_tensor(
+                fitted.lookup(vocab.labels, f"{self.columns.get('value')} (key {label!r})")
+            )
+            k = self.keys.labels.index(label)
+            rows = self.mask & (self.key_index == k)
+            values[rows] = index[self.values[rows].long()].to(values.dtype)
+        return dataclasses.replace(self, values=values, classes={**self.classes, **classes})
+
     def value_moments(self) -> tuple[list[float], list[float]]:
         """Mean and standard deviation of each key's values, from :func:`key_moments`."""
         return key_moments(*self.key_sums())
@@ -388,7 +480,19 @@ class EFAData:
         )
         if self.items is not None:
             out["value"] = [self.items.labels[int(i)] for i in out["value"]]
-        return out
+        return self.class_labels(out) if self.classes else out
+
+    def class_labels(self, table: pd.DataFrame, columns: Sequence[str] = ("value",)) -> pd.DataFrame:
+        """``table`` (with a ``key`` column of key labels) with the class codes in ``columns``
+        turned into class labels for the keys that have a class vocabulary."""
+        table = table.copy()
+        for column in columns:
+            labelled = table[column].astype(object)
+            for key, vocab in self.classes.items():
+                rows = np.array([k == key for k in table["key"]], dtype=bool)
+                labelled[rows] = [vocab.labels[int(c)] for c in table.loc[rows, column]]
+            table[column] = labelled
+        return table
 
 
 def _check_table(df: pd.DataFrame, columns: dict[str, Any], ties: str) -> None:
@@ -461,6 +565,83 @@ def _encode_items(
         items = Vocabulary(labels=labels, oov=oov)
     vals = items.lookup(uniques[item_col].tolist(), item_col)[row_codes].astype(np.float64)
     return vals, np.zeros(len(df), dtype=np.int64), keys or Vocabulary(labels=["position"]), items
+
+
+def _leave_out_missing(
+    df: pd.DataFrame, columns: dict[str, Any], missing: str, na_values: Sequence[Any] | None
+) -> tuple[pd.DataFrame, dict[Any, Any]]:
+    """The table without its rows of missing values (NaN, or one of ``na_values``) with
+    ``missing="drop"``, and what was left out; with ``missing="error"`` such a row is refused."""
+    if missing not in ("error", "drop"):
+        raise InputError(f"missing must be 'error' or 'drop', got {missing!r}")
+    value, unit, key_cols = columns["value"], columns["unit"], columns["key"]
+    gone = df[value].isna().to_numpy()
+    if na_values is not None:
+        gone = gone | df[value].isin(list(na_values)).to_numpy()
+    if not gone.any():
+        return df, {}
+    i = int(np.flatnonzero(gone)[0])
+    where = f"first in unit {_json_scalar(df[unit].iloc[i])!r}, key {_json_scalar(df[key_cols[0]].iloc[i])!r}"
+    if missing == "error":
+        raise InputError(
+            f"column {value!r} has {int(gone.sum())} missing value(s) (NaN"
+            + (f" or one of {list(na_values)}" if na_values is not None else "")
+            + f"), {where}; pass missing='drop' to leave them out (na_values=[...] marks sentinel "
+            "values such as -99 as missing), or impute them"
+        )
+    kept = df[~gone]
+    if len(kept) == 0:
+        raise InputError(f"column {value!r}: every value is missing ({len(df)} rows)")
+    dropped = df[gone]
+    labels = (
+        dropped[key_cols[0]].tolist()
+        if len(key_cols) == 1
+        else list(dropped[key_cols].itertuples(index=False, name=None))
+    )
+    summary: dict[Any, Any] = {}
+    for label in labels:
+        label = _json_scalar(label) if not isinstance(label, tuple) else tuple(map(_json_scalar, label))
+        summary[label] = summary.get(label, 0) + 1
+    empty = sorted(set(pd.unique(dropped[unit])) - set(pd.unique(kept[unit])), key=label_sort_key)
+    if empty:
+        summary["<units>"] = [_json_scalar(u) for u in empty]
+    return kept, summary
+
+
+def _encode_values(
+    df: pd.DataFrame,
+    value: str,
+    unit: str,
+    key_codes: np.ndarray,
+    keys: Vocabulary,
+    classes: Mapping[Any, Vocabulary] | None,
+) -> tuple[np.ndarray, dict[Any, Vocabulary]]:
+    """The value of each row as a float64: numbers as they are, class labels (strings, a pandas
+    Categorical) as codes in a vocabulary per key (``classes``, or built from the table)."""
+    series = df[value]
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        labels_of = np.ones(len(df), dtype=bool)  # a Categorical holds labels, for every key
+    elif pd.api.types.is_object_dtype(series) or pd.api.types.is_string_dtype(series):
+        numbers = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        class_keys = np.unique(key_codes[np.isnan(numbers)])  # keys with a value that is no number
+        labels_of = np.isin(key_codes, class_keys)
+    else:
+        return _numeric_values(df, value, unit), dict(classes or {})
+    vals = np.zeros(len(df))
+    if not labels_of.all():
+        vals[~labels_of] = _numeric_values(df[~labels_of].astype({value: np.float64}), value, unit)
+    given = dict(classes or {})
+    built: dict[Any, Vocabulary] = {}
+    column = series.astype(object).to_numpy()
+    for code in np.unique(key_codes[labels_of]).tolist():
+        rows = labels_of & (key_codes == code)
+        label = keys.labels[code]
+        vocab = given.get(label) or Vocabulary(
+            labels=sorted(pd.unique(column[rows]).tolist(), key=label_sort_key)
+        )
+        vals[rows] = vocab.lookup(column[rows].tolist(), f"{value} (key {label!r})")
+        built[label] = vocab
+    return vals, {**given, **built}
 
 
 def _numeric_values(df: pd.DataFrame, value: str, unit: str) -> np.ndarray:

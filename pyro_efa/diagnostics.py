@@ -215,6 +215,7 @@ def to_inference_data(
     """
     fits = [fit, *(chains or [])]
     _check_chains(fits)
+    data = data.conform(fit.schema)  # the fit's vocabularies, whatever the data was built with
     if num_samples < 1:
         raise InputError(f"num_samples must be positive, got {num_samples}")
     u, p = _targets(data)
@@ -437,6 +438,7 @@ def pit(
     :returns: ``(N,)`` values in ``(0, 1)`` in the ``obs`` order of :func:`to_inference_data`
         (families: ``idata.constant_data["family"]``).
     """
+    data = data.conform(fit.schema)
     u, p = _targets(data)
     scorer = Scorer(fit, data, batch_size)
     with seeded(seed):
@@ -564,6 +566,7 @@ def plot_attention(
     """
     if unit not in data.unit_labels:
         raise InputError(f"unit {unit!r} is not in the data")
+    data = data.conform(fit.schema)
     row = data.unit_labels.index(unit)
     one = data.subset([row])
     efa = fit.efa

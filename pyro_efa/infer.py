@@ -152,7 +152,9 @@ class Trainer:
         resume: bool = False,
     ) -> None:
         self.start = time.perf_counter()
-        self.model, self.data, self.val_data, self.options = model, data, val_data, options
+        self.model, self.data, self.options = model, data, options
+        # validation units built on their own mean what the training units mean
+        self.val_data = None if val_data is None else val_data.conform(data_schema(data))
         self.rank, self.world = distributed.rank(), distributed.world_size()
         if len(data) == 0 or data.num_observations == 0:
             raise InputError("the training data has no modelled observations")

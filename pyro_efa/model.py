@@ -254,8 +254,15 @@ class EFA(PyroModule):
         return cls.from_data(data, EFAConfig.efe(data.kind), **overrides)
 
     def _prior(self, rows: int) -> Any:
+        # one distribution object per device and dtype, built once (not at every step)
+        cache: dict[tuple[torch.device, torch.dtype], dist.Distribution] = {}
+
         def prior(self: EFA) -> dist.Distribution:
-            return dist.Normal(self._zero, self.config.prior_scale).expand([rows, self.dim]).to_event(2)
+            key = (self._zero.device, self._zero.dtype)
+            if key not in cache:
+                normal = dist.Normal(self._zero, self.config.prior_scale)
+                cache[key] = normal.expand([rows, self.dim]).to_event(2)
+            return cache[key]
 
         return prior
 
@@ -373,7 +380,9 @@ class EFA(PyroModule):
         fam_of_obs = self.key_family[data.key_index] if several else None
         out = data.values
         units = self.create_plates(data) if units is None else units
-        with units, pyro.plate(self.site_name("positions"), data.max_len, dim=-1):
+        # the positions plate declares independence only: without a size it needs no subsample
+        # statement at every step (the batch fixes its size)
+        with units, pyro.plate(self.site_name("positions"), dim=-1):
             with poutine.scale(scale=weights) if weights is not None else contextlib.nullcontext():
                 for f, (family, site) in enumerate(zip(self.families, self.observed_sites, strict=True)):
                     m = targets & (fam_of_obs == f) if several else targets
@@ -644,12 +653,22 @@ def _data_family_options(
     data: EFAData, names: tuple[str, ...], given: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     """``given`` completed by what each family reads off the values of its keys (a value given
-    by the user wins)."""
+    by the user wins). Keys with class labels must have a family of class labels."""
+    for label in data.classes:
+        family = FAMILIES[names[data.keys.labels.index(label)]]
+        if not family.predicts_class:
+            shown = data.classes[label].labels[:3]
+            raise InputError(
+                f"key {label!r} holds class labels (e.g. {shown}); give it a family of class labels, "
+                f"e.g. family={{{label!r}: 'categorical', ...}} (it has {family.name!r})"
+            )
     out = {k: dict(v) for k, v in given.items()}
     in_family = torch.tensor([[n == f for n in names] for f in dict.fromkeys(names)], dtype=torch.bool)
+    sizes = [len(data.classes[k]) if k in data.classes else None for k in data.keys.labels]
     for f, name in enumerate(dict.fromkeys(names)):
         x = data.values[data.target & data.mask & in_family[f][data.key_index]]
-        found = FAMILIES[name].options_from_data(x)
+        mine = [c if n == name else None for c, n in zip(sizes, names, strict=True)]
+        found = FAMILIES[name].options_from_data(x, mine)
         if found:
             out[name] = {**found, **out.get(name, {})}
     return out

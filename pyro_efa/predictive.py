@@ -95,7 +95,7 @@ def evaluate(
         raise InputError("no modelled observations to evaluate")
     scores = scorer.score(scorer.latents(plug_in=True))
     loglik = scores.loglik if num_samples <= 0 else _mc_loglik(scorer, num_samples, seed)
-    return _metrics(fitted, data, loglik.cpu(), scores.prediction.cpu())
+    return _metrics(fitted, scorer.source, loglik.cpu(), scores.prediction.cpu())
 
 
 def predict(fitted: EFAFit, data: EFAData, batch_size: int = 256) -> pd.DataFrame:
@@ -103,6 +103,7 @@ def predict(fitted: EFAFit, data: EFAData, batch_size: int = 256) -> pd.DataFram
     class labels: the most likely class and its probability) and the log-likelihood, at the
     plug-in values, from one pass over the data."""
     scorer = Scorer(fitted, data, batch_size)
+    data = scorer.source  # in the fit's vocabularies
     scores = scorer.score(scorer.latents(plug_in=True))
     prediction, probability, loglik = (
         t.cpu() for t in (scores.prediction, scores.probability, scores.loglik)
@@ -124,7 +125,7 @@ def predict(fitted: EFAFit, data: EFAData, batch_size: int = 256) -> pd.DataFram
         labels = data.items.labels
         table["value"] = [labels[int(i)] for i in table["value"]]
         table["prediction"] = [labels[int(i)] for i in table["prediction"]]
-    return table
+    return data.class_labels(table, ("value", "prediction")) if data.classes else table
 
 
 def posterior_predictive(

@@ -2,9 +2,11 @@ r"""The one scoring path: every held-out number of a fit comes from here.
 
 For one fit and one data set, a :class:`Scorer`
 
-1. checks the data against the model (:meth:`EFA.validate <pyro_efa.EFA.validate>`) and, for a
-   model with per-unit latent sites whose guide holds one parameter per training unit, maps the
-   data's units to the training units by label (refusing units the fit never saw);
+1. puts the data in the fit's vocabularies (:meth:`EFAData.conform <pyro_efa.EFAData.conform>`:
+   keys, items and classes re-mapped by label, whatever vocabulary the data was built with),
+   checks it against the model (:meth:`EFA.validate <pyro_efa.EFA.validate>`) and, for a model
+   with per-unit latent sites whose guide holds one parameter per training unit, maps the data's
+   units to the training units by label (refusing units the fit never saw);
 2. takes the values of the latent sites from one pass of the guide over the data
    (:meth:`Scorer.latents`): the *plug-in* values (every draw of the guide replaced by its
    distribution's mean: the posterior median of Normal-based guides, pushed through their
@@ -186,8 +188,12 @@ class Scorer:
             raise InputError(f"batch_size must be positive, got {batch_size}")
         self.fit = fit
         self.efa = fit.efa
+        data = data.conform(fit.schema)
         if validate:
             self.efa.validate(data)
+        #: the scored data in the fit's vocabularies, on the CPU (the ``data`` attribute is on the
+        #: model's device)
+        self.source = data
         self.device = model_device(fit.model)
         self.data = self._units_for_guide(data).to(self.device)  # the guide reads all of it
         self.batches = [(idx, self.data.subset(idx)) for idx in torch.arange(len(data)).split(batch_size)]

@@ -337,6 +337,14 @@ class _Scan:
             for chunk in _chunks(self.path, needed, chunk_rows):
                 if len(chunk) == 0:
                     continue
+                value = c["value"]
+                if value is not None and not (
+                    pd.api.types.is_numeric_dtype(chunk[value]) or pd.api.types.is_bool_dtype(chunk[value])
+                ):
+                    raise InputError(
+                        f"column {value!r}: streamed tables take numbers (got dtype {chunk[value].dtype}); "
+                        "class labels need the whole table at once: read it with EFAData.from_pandas"
+                    )
                 # every check of from_pandas, on this chunk (ties are checked per shard later)
                 EFAData.from_pandas(chunk, **c, **self.lookup, ties="keep")
                 found.append(chunk[c["key"]].drop_duplicates())

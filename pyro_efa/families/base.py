@@ -9,7 +9,7 @@ one per key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -93,10 +93,14 @@ class Family(PyroModule):
         return d.mean, None
 
     @classmethod
-    def options_from_data(cls, x: torch.Tensor) -> dict[str, Any]:
-        """Options of the family read off the training values ``x`` (1-D) of its keys, used by
-        :meth:`EFA.from_data` for the options the user did not give (e.g. the number of classes).
-        The default is none."""
+    def options_from_data(cls, x: torch.Tensor, classes: Sequence[int | None]) -> dict[str, Any]:
+        """Options of the family read off the training data, used by :meth:`EFA.from_data` for the
+        options the user did not give (e.g. the number of classes). The default is none.
+
+        :param ~torch.Tensor x: the training values (1-D) of the family's keys.
+        :param classes: one entry per key of the model: the size of the key's class vocabulary
+            when its values are class labels (:attr:`EFAData.classes`), else ``None``.
+        """
         return {}
 
     def reset_parameters(self) -> None:
