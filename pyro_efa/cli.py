@@ -168,18 +168,36 @@ def _label_key(label: Any) -> str:
     return str(_json_label(label))
 
 
+#: per-key metrics are printed for at most this many keys (all of them are in the JSON)
+PRINT_KEYS = 30
+
+
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """The pooled metrics, then a table per observed site (mixed types) and per key (few keys)."""
     names = {
         "nll": "NLL per observation",
         "nll_no_base": "NLL without log h(x)",
         "mse": "MSE",
         "accuracy": "accuracy",
     }
-    lines = []
-    for key, label in names.items():
-        if key in metrics:
-            lines.append(f"  {label:<22} {metrics[key]:.6f}")
+    names.update({m: m for m in metrics if m.startswith(("recall@", "ndcg@"))})
+    lines = [f"  {label:<22} {metrics[key]:.6f}" for key, label in names.items() if key in metrics]
+    per_site, per_key = metrics.get("per_site", []), metrics.get("per_key", [])
+    if len(per_site) > 1:
+        lines += ["per observed site:", _table(per_site, "site")]
+    if 1 < len(per_key) <= PRINT_KEYS:
+        lines += ["per key:", _table(per_key, "key")]
+    elif per_key:
+        lines.append(f"per key: {len(per_key)} keys (all in the JSON: per_key)")
     return lines
+
+
+def _table(records: list[dict[str, Any]], label: str) -> str:
+    table = pd.DataFrame(records).drop(columns=["nll_no_base"], errors="ignore")
+    table = table.rename(columns={"num_observations": "n"})
+    table[label] = table[label].map(lambda x: str(_json_label(x)))
+    text = table.to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep="")
+    return "  " + text.replace("\n", "\n  ")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -347,7 +365,22 @@ FLAGS = {
     "lr_patience": "--lr-patience", "patience": "--patience", "seed": "--seed", "threads": "--threads",
     "checkpoint_every": "--checkpoint-every", "dim": "--dim", "num_layers": "--layers",
     "num_heads": "--heads", "direction": "--direction", "family_options": "--family-option",
+    "context_stream": "--context-stream",
 }  # fmt: skip
+
+
+# library messages name Python arguments; under the CLI they name its flags
+SPELLINGS = {
+    "ties='keep'": "--ties keep", "missing='drop'": "--missing drop",
+    "na_values=[...]": "--na-values VALUE ...", "context_stream='fixed'": "--context-stream fixed",
+    "context_stream='shared'": "--context-stream shared",
+}  # fmt: skip
+
+
+def _with_flags(text: str) -> str:
+    for python, flag in SPELLINGS.items():
+        text = text.replace(python, flag)
+    return text
 
 
 def _cli_error(e: ValueError) -> CLIError:
@@ -366,8 +399,18 @@ def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]]
     if args.family_map is not None:
         _parse_family_map(args.family_map)
     family_options = _parse_family_options(args.family_option or [])
+    if any(f < 0 for f in args.split) or not math.isclose(sum(args.split), 1.0, abs_tol=1e-6):
+        raise CLIError(
+            f"--split takes three non-negative fractions summing to 1, got {' '.join(map(str, args.split))} "
+            f"(sum {sum(args.split):g})"
+        )
+    if args.na_values and args.missing != "drop":
+        raise CLIError("--na-values marks values as missing: pass --missing drop to leave them out")
     try:
-        EFAConfig(dim=args.dim, num_layers=args.layers, num_heads=args.heads, family_options=family_options)
+        EFAConfig(
+            dim=args.dim, num_layers=args.layers, num_heads=args.heads, family_options=family_options,
+            context_stream=args.context_stream,
+        )  # fmt: skip
         options = FitOptions(
             num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
             lr_patience=args.lr_patience, patience=args.patience, seed=args.seed, threads=args.threads,
@@ -399,30 +442,55 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         distributed.cleanup(wait=False)  # after an error (a no-op once left)
 
 
-def _split_in_memory(args: argparse.Namespace) -> tuple[EFAData, EFAData, EFAData, str]:
+def _reading(args: argparse.Namespace) -> dict[str, Any]:
+    """How rows become observations, as :meth:`EFAData.from_pandas` takes it (kept in split.json
+    so that ``evaluate`` and ``predict`` read the file the same way)."""
+    na_values = None
+    if args.na_values:  # each as written and as a number: '-99' in a text column, -99 in a numeric one
+        na_values = list(dict.fromkeys([*args.na_values, *map(_parse_scalar, args.na_values)]))
+    return {"ties": args.ties, "missing": args.missing, "na_values": na_values}
+
+
+def _split_in_memory(args: argparse.Namespace) -> tuple[EFAData, EFAData, EFAData, str, EFAData]:
     df = _read_table(args.data)
     data = EFAData.from_pandas(
         df, unit=args.unit, key=args.key, value=args.value, order=args.order, context=args.context,
-        ties=args.ties,
+        **_reading(args),
     )  # fmt: skip
     train, val, test = data.split(args.split, seed=args.seed)
-    return train, val, test, f"data: {data!r} from '{args.data}'"
+    described = f"data: {data!r} from '{args.data}'" + _describe_missing(data.missing)
+    return train, val, test, described, data
 
 
-def _split_streamed(args: argparse.Namespace) -> tuple[StreamingUnits, EFAData | None, EFAData | None, str]:
+def _describe_missing(missing: dict[Any, Any]) -> str:
+    if not missing:
+        return ""
+    units = missing.get("<units>", [])
+    counts = {k: v for k, v in missing.items() if k != "<units>"}
+    shown = ", ".join(f"{_json_label(k)}: {v}" for k, v in list(counts.items())[:10])
+    more = f", ... ({len(counts)} keys)" if len(counts) > 10 else ""
+    text = f"; left out {sum(counts.values())} missing value(s) (per key {shown}{more})"
+    if units:
+        text += f"; {len(units)} unit(s) had only missing values and are left out, e.g. {units[:3]}"
+    return text
+
+
+def _split_streamed(
+    args: argparse.Namespace,
+) -> tuple[StreamingUnits, EFAData | None, EFAData | None, str, None]:
     """The training part streamed from shards on disk; validation and test parts in memory
     (None when empty)."""
     _data_file(args.data)
     sizes = {k: getattr(args, k) for k in ("chunk_rows", "shard_rows") if getattr(args, k) is not None}
     train, val, test = StreamingUnits.from_file(
         args.data, args.unit, args.key, args.value, args.order, args.context, fractions=args.split,
-        seed=args.seed, ties=args.ties, **sizes,
+        seed=args.seed, **_reading(args), **sizes,
     )  # fmt: skip
     val_mem = val.to_memory() if len(val) else None
     test_mem = test.to_memory() if len(test) else None
     shard_rows = args.shard_rows or 2_000_000
     text = f"data: streamed from '{args.data}' in shards of about {shard_rows} rows; train part {train!r}"
-    return train, val_mem, test_mem, text
+    return train, val_mem, test_mem, text + _describe_missing(train.missing), None
 
 
 def _say(text: str) -> None:
@@ -447,10 +515,11 @@ def _fit(
     out = Path(args.out)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir is not None else out / "checkpoint"
     _check_out_dir(out, args.force, checkpoint_dir)
-    train, val, test, described = _split_streamed(args) if args.stream else _split_in_memory(args)
+    train, val, test, described, whole = _split_streamed(args) if args.stream else _split_in_memory(args)
     use_val = _check_parts(args, train, val, test)
     model = _build_model(args, train, (train, val, test), family_options)
     _say(described)
+    _check_table(model, whole, train, {"validation": val, "test": test})
     how = "unit hash" if args.stream else "unit"
     counts = [len(part) if part is not None else 0 for part in (train, val, test)]
     _say(
@@ -509,12 +578,42 @@ def _check_parts(args: argparse.Namespace, train: Any, val: EFAData | None, test
     return use_val
 
 
+def _check_table(model: EFA, whole: EFAData | None, train: Any, held_out: dict[str, EFAData | None]) -> None:
+    """Every unit of the table checked against the model before the first epoch: an invalid
+    value in any part is an error counted over the whole table (over each held-out part for a
+    streamed table, whose training shards are checked as they are read); keys, items and classes
+    that only held-out units hold are named."""
+    parts = [whole] if whole is not None else [p for p in held_out.values() if p is not None]
+    for part in parts:
+        model.validate(part)
+    if isinstance(train, StreamingUnits) or not distributed.is_main():
+        return
+    for name, part in held_out.items():
+        unseen = part.unseen_in(train) if part is not None and len(part) else ()
+        if len(unseen):
+            shown = "; ".join(
+                f"{r.what} {_json_label(r.label)!r}"
+                + (f" of key {_json_label(r.key)!r}" if r.what == "class" else "")
+                + f" ({r.count} observation(s), first in unit {_json_label(r.unit)!r})"
+                for r in unseen.head(5).itertuples()
+            )
+            more = f"; {len(unseen) - 5} more" if len(unseen) > 5 else ""
+            _warn(
+                f"{len(unseen)} label(s) occur only in {name} units, never among the training "
+                f"observations, so their embeddings and intercepts are never trained: {shown}{more}"
+            )
+
+
 def _build_model(
     args: argparse.Namespace, train: Any, parts: tuple[Any, ...], family_options: dict[str, dict[str, Any]]
 ) -> EFA:
     """The model of the options, sized for the training units (and every unit of the table)."""
     family = _resolve_family(args, train)  # the parts share the vocabularies of the whole table
-    fields: dict[str, Any] = {"direction": args.direction, "dim": args.dim}
+    fields: dict[str, Any] = {
+        "direction": args.direction,
+        "dim": args.dim,
+        "context_stream": args.context_stream,
+    }
     if isinstance(train, StreamingUnits):
         fields.update(train.model_overrides())  # value moments over every shard
     fields["max_len"] = max(max(part.max_len for part in parts if part is not None), 1)  # held-out units too
@@ -560,7 +659,7 @@ def _write_split(args: argparse.Namespace, out: Path, train: Any, val: EFAData |
         "unit_column": train.columns["unit"],
         "seed": args.seed,
         "fractions": list(args.split),
-        "ties": args.ties,
+        **_reading(args),
     }
     held_out = {
         name: [] if part is None else [_json_label(x) for x in part.unit_labels]
@@ -674,9 +773,11 @@ def _load_fit_and_data(fit_dir: str, data_path: str, units: str) -> tuple[EFAFit
             )
         if found < len(wanted):
             _warn(f"only {found} of the fit's {len(wanted)} test units are in '{data_path}'")
-    ties = split.get("ties", "error") if split is not None else "error"
+    reading = (
+        {k: split[k] for k in ("ties", "missing", "na_values") if k in split} if split is not None else {}
+    )
     data = EFAData.from_pandas(
-        df, **columns, keys=fitted.schema["keys"], items=fitted.schema["items"], ties=ties
+        df, **columns, keys=fitted.schema["keys"], items=fitted.schema["items"], **reading
     )
     return fitted, data
 
@@ -688,7 +789,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         fitted, data = _load_fit_and_data(args.fit_dir, args.data, args.units)
         metrics = evaluate(fitted, data, num_samples=args.num_samples)
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(metrics, indent=2, default=str))
         return 0
     print(f"{args.units} metrics ({len(data)} units, {metrics['num_observations']} observations):")
     print("\n".join(_metric_lines(metrics)))
@@ -793,6 +894,14 @@ def _add_fit(sub: Any) -> None:
         help="a family option, e.g. binomial.total_count=10 or gaussian.per_key=true (repeatable)",
     )
     f.add_argument("--direction", choices=("uni", "bi"), default="uni", help="uni (causal) or bi")
+    f.add_argument(
+        "--context-stream",
+        choices=("shared", "fixed"),
+        default="shared",
+        help="shared (default, the paper's: context tokens attend to each other, so a bidirectional "
+        "model encodes each unit once per target) or fixed (context tokens are not updated: one pass "
+        "per unit, much faster for --direction bi; see README)",
+    )
     f.add_argument("--out", required=True, help="directory to save the fit in")
     f.add_argument("--force", action="store_true", help="write into a non-empty --out without a fit")
     f.add_argument("--efe", action="store_true", help="the EFE baseline (--layers and --heads ignored)")
@@ -856,6 +965,19 @@ def _add_training(f: argparse.ArgumentParser) -> None:
         help="unit fractions (default 0.8 0.1 0.1)",
     )
     f.add_argument("--ties", choices=("error", "keep"), default="error", help="equal --order values")
+    f.add_argument(
+        "--missing",
+        choices=("error", "drop"),
+        default="error",
+        help="missing values (empty cells, NaN, --na-values): error (default), or drop: leave the "
+        "observation out of its unit",
+    )
+    f.add_argument(
+        "--na-values",
+        nargs="+",
+        metavar="VALUE",
+        help="values of --value that mean 'not observed', e.g. -99 (as in pandas.read_csv)",
+    )
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument(
         "--no-standardize",
@@ -929,5 +1051,5 @@ def main(argv: list[str] | None = None) -> int:
             return e.code if isinstance(e.code, int) else 0
         return int(args.handler(args))
     except (InputError, OSError) as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {_with_flags(_one_line(e))}", file=sys.stderr)
         return 2

@@ -242,7 +242,7 @@ class EFAData:
         kind = "valued" if value is not None else "items"
         left_out: dict[Any, Any] = {}
         if value is not None:
-            df, left_out = _leave_out_missing(df, columns, missing, na_values)
+            df, left_out = leave_out_missing(df, columns, missing, na_values)
         # Vectorised throughout (no per-row Python objects, no copy of the table): 10 million rows
         # take seconds. Units are numbered in sorted label order, rows ordered within each unit.
         unit_codes, unit_labels = _factorize_sorted(df[unit], unit)
@@ -451,6 +451,34 @@ class EFAData:
             values[rows] = index[self.values[rows].long()].to(values.dtype)
         return dataclasses.replace(self, values=values, classes={**self.classes, **classes})
 
+    def unseen_in(self, train: EFAData) -> pd.DataFrame:
+        """What this data's modelled observations hold that no modelled observation of ``train``
+        does: keys, items, and classes of keys with class labels. Their embeddings and intercepts
+        are never trained, so their predictions rest on the prior and initial values alone.
+
+        :returns: one row per label: ``what`` (``"key"``, ``"item"`` or ``"class"``), ``key`` (for
+            a class: its key), ``label``, ``unit`` (the first unit holding it) and ``count`` (its
+            modelled observations here); empty when there is none.
+        """
+        mine, theirs = (d.to_pandas() for d in (self.conform(data_schema(train)), train))
+        mine, theirs = mine[mine["target"]], theirs[theirs["target"]]
+        parts = [("key", mine.assign(label=mine["key"], key=None), set(theirs["key"]))]
+        if self.kind == "items":
+            parts.append(("item", mine.assign(label=mine["value"], key=None), set(theirs["value"])))
+        for key in self.classes:
+            rows = mine[[k == key for k in mine["key"]]]
+            known = set(theirs["value"][[k == key for k in theirs["key"]]])
+            parts.append(("class", rows.assign(label=rows["value"]), known))
+        found = [
+            pd.DataFrame({"what": what, "key": [rows["key"].iloc[0]], "label": [label],
+                          "unit": [rows["unit"].iloc[0]], "count": [len(rows)]})
+            for what, table, known in parts
+            for label, rows in table.groupby("label", sort=False)
+            if label not in known
+        ]  # fmt: skip
+        columns = ["what", "key", "label", "unit", "count"]
+        return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=columns)
+
     def value_moments(self) -> tuple[list[float], list[float]]:
         """Mean and standard deviation of each key's values, from :func:`key_moments`."""
         return key_moments(*self.key_sums())
@@ -567,11 +595,17 @@ def _encode_items(
     return vals, np.zeros(len(df), dtype=np.int64), keys or Vocabulary(labels=["position"]), items
 
 
-def _leave_out_missing(
-    df: pd.DataFrame, columns: dict[str, Any], missing: str, na_values: Sequence[Any] | None
+def leave_out_missing(
+    df: pd.DataFrame,
+    columns: dict[str, Any],
+    missing: str,
+    na_values: Sequence[Any] | None,
+    allow_empty: bool = False,
 ) -> tuple[pd.DataFrame, dict[Any, Any]]:
     """The table without its rows of missing values (NaN, or one of ``na_values``) with
-    ``missing="drop"``, and what was left out; with ``missing="error"`` such a row is refused."""
+    ``missing="drop"``, and what was left out: the count per key, and under ``"<units>"`` the
+    units left without observations; with ``missing="error"`` such a row is refused. A table whose
+    every value is missing is an error unless ``allow_empty`` (one chunk of a streamed table)."""
     if missing not in ("error", "drop"):
         raise InputError(f"missing must be 'error' or 'drop', got {missing!r}")
     value, unit, key_cols = columns["value"], columns["unit"], columns["key"]
@@ -590,7 +624,7 @@ def _leave_out_missing(
             "values such as -99 as missing), or impute them"
         )
     kept = df[~gone]
-    if len(kept) == 0:
+    if len(kept) == 0 and not allow_empty:
         raise InputError(f"column {value!r}: every value is missing ({len(df)} rows)")
     dropped = df[gone]
     labels = (

@@ -457,8 +457,10 @@ class EFA(PyroModule):
         m = torch.ceil(n * self.config.target_fraction).clamp(min=1)
         rank = torch.rand(targets.shape, device=n.device).masked_fill(~targets, 2.0).argsort(-1).argsort(-1)
         select = targets & (rank < m)
-        # a unit without targets (context rows only) has n = 0: its weight is 0, not 0 / 1
-        return select, (n / m).to(data.values.dtype).expand(targets.shape)
+        # a unit without targets (context rows only: n = 0) selects nothing; its weight is 1, not
+        # 0 / 1 (Pyro refuses a scale of 0)
+        weight = torch.where(n > 0, n / m, torch.ones_like(m))
+        return select, weight.to(data.values.dtype).expand(targets.shape)
 
     def _check_batch(self, data: EFAData) -> None:
         # cheap checks of every batch (Python numbers only: no device synchronisation)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from .data import EFAData
 from .errors import InputError
-from .scoring import Scorer, log_base_measure, seeded
+from .scoring import Scorer, Scores, log_base_measure, seeded
 
 if TYPE_CHECKING:
     from .results import EFAFit
@@ -52,50 +53,100 @@ def log_likelihood(
     return _mc_loglik(scorer, num_samples, seed).cpu()
 
 
-def _metrics(fitted: EFAFit, data: EFAData, loglik: torch.Tensor, prediction: torch.Tensor) -> dict[str, Any]:
+def _metric_frame(fitted: EFAFit, data: EFAData, scores: Scores, loglik: torch.Tensor) -> pd.DataFrame:
+    """One row per target: its key, site (family), log-likelihood, ``log h(x)``, squared error
+    (families without class labels) or hit (class labels), and rank (NaN where not defined)."""
     efa = fitted.efa
-    targets = data.target & data.mask
-    n = int(targets.sum())
-    base = log_base_measure(efa, data)
+    u, p = torch.nonzero(data.target & data.mask, as_tuple=True)
+    key = data.key_index[u, p]
+    site = efa.key_family.cpu()[key]
+    predicts_class = torch.tensor([f.predicts_class for f in efa.families])[site]
+    x = data.values[u, p].double()
+    prediction = scores.prediction.cpu()[u, p].double()
+    nan = torch.full_like(x, float("nan"))
+    return pd.DataFrame(
+        {
+            "key": key.numpy(),
+            "site": site.numpy(),
+            "loglik": loglik[u, p].double().numpy(),
+            "base": log_base_measure(efa, data)[u, p].double().numpy(),
+            "squared_error": torch.where(predicts_class, nan, (prediction - x) ** 2).numpy(),
+            "hit": torch.where(predicts_class, (prediction == x).double(), nan).numpy(),
+            "rank": scores.rank.cpu()[u, p].double().numpy(),
+        }
+    )
+
+
+def _summary(frame: pd.DataFrame, k: int) -> dict[str, Any]:
+    """The metrics of the targets in ``frame`` (rows of :func:`_metric_frame`)."""
     out: dict[str, Any] = {
-        "nll": -float(loglik[targets].sum()) / n,
-        "nll_no_base": -float((loglik - base)[targets].sum()) / n,
-        "num_observations": n,
+        "num_observations": len(frame),
+        "nll": -float(frame["loglik"].mean()),
+        "nll_no_base": -float((frame["loglik"] - frame["base"]).mean()),
     }
-    predicts_class = torch.tensor([f.predicts_class for f in efa.families])[efa.key_family.cpu()]
-    labels = targets & predicts_class[data.key_index]
-    scalar = targets & ~labels
-    if scalar.any():
-        out["mse"] = float(((prediction - data.values)[scalar] ** 2).mean())
-    if labels.any():
-        out["accuracy"] = float((prediction == data.values)[labels].float().mean())
+    if frame["squared_error"].notna().any():
+        out["mse"] = float(frame["squared_error"].mean())
+    if frame["hit"].notna().any():
+        out["accuracy"] = float(frame["hit"].mean())
+    rank = frame["rank"].dropna().to_numpy()
+    if rank.size:
+        top = rank <= k
+        out[f"recall@{k}"] = float(top.mean())
+        out[f"ndcg@{k}"] = float(np.where(top, 1.0 / np.log2(rank + 1.0), 0.0).mean())
     return out
 
 
+def _metrics(fitted: EFAFit, data: EFAData, scores: Scores, loglik: torch.Tensor, k: int) -> dict[str, Any]:
+    """Pooled metrics, then one record per observed site and one per key."""
+    efa, frame = fitted.efa, _metric_frame(fitted, data, scores, loglik)
+    sites, names = efa.observed_sites, [f.name for f in efa.families]
+    per_site = [
+        {"site": sites[s], "family": names[s], **_summary(rows, k)} for s, rows in frame.groupby("site")
+    ]
+    family_of_key = efa.key_family.tolist()
+    per_key = [
+        {"key": data.keys.labels[key], "family": names[family_of_key[key]], **_summary(rows, k)}
+        for key, rows in frame.groupby("key")
+    ]
+    return {**_summary(frame, k), "per_site": per_site, "per_key": per_key}
+
+
 def evaluate(
-    fitted: EFAFit, data: EFAData, num_samples: int = 0, batch_size: int = 256, seed: int = 0
+    fitted: EFAFit, data: EFAData, num_samples: int = 0, batch_size: int = 256, seed: int = 0, k: int = 10
 ) -> dict[str, Any]:
     """Held-out metrics per modelled observation.
 
     - ``nll``: mean negative log-likelihood (for categorical data: the cross-entropy in nats);
     - ``nll_no_base``: the same without the base measure ``log h(x)`` (e.g. without ``log y!``
       for counts);
-    - ``mse``: mean squared error of the point prediction (families that do not predict class
-      labels);
-    - ``accuracy``: share of class-label targets whose most likely class is right.
+    - ``mse``: mean squared error of the point prediction, in the data's units (families that
+      do not predict class labels);
+    - ``accuracy``: share of class-label targets whose most likely class is right;
+    - ``recall@k`` and ``ndcg@k`` (class labels and items; ``k`` = 10 by default): share of
+      targets whose observed class ranks among the ``k`` most likely, and the normalised
+      discounted cumulative gain with one relevant class, ``1 / log2(1 + rank)`` when
+      ``rank <= k`` else 0, averaged over targets (the numbers sequential recommenders report);
+    - ``num_observations``: the number of targets.
 
-    The plug-in values give everything in one pass over the data.
+    The same metrics per observed site (one per family: ``per_site``) and per key (``per_key``,
+    each a list of records with the ``site`` or ``key`` label and ``family``;
+    ``pandas.DataFrame(metrics["per_key"])`` gives a table): for mixed-type data the MSE of each
+    key in its own units and the NLL of each key beside the pooled ones. The plug-in values give
+    everything in one pass over the data.
 
     :param int num_samples: 0 for the plug-in values, else ``nll`` and ``nll_no_base`` are the
         Monte Carlo posterior predictive density from ``num_samples`` guide draws (one pass per
-        draw); the point predictions stay plug-in.
+        draw); the point predictions and ranks stay plug-in.
+    :param int k: the cut-off of ``recall@k`` and ``ndcg@k``.
     """
+    if int(k) != k or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
     scorer = Scorer(fitted, data, batch_size)
     if (data.target & data.mask).sum() == 0:
         raise InputError("no modelled observations to evaluate")
     scores = scorer.score(scorer.latents(plug_in=True))
     loglik = scores.loglik if num_samples <= 0 else _mc_loglik(scorer, num_samples, seed)
-    return _metrics(fitted, scorer.source, loglik.cpu(), scores.prediction.cpu())
+    return _metrics(fitted, scorer.source, scores, loglik.cpu(), int(k))
 
 
 def predict(fitted: EFAFit, data: EFAData, batch_size: int = 256) -> pd.DataFrame:

@@ -101,6 +101,8 @@ class Scores:
     :ivar ~torch.Tensor prediction: the family's point prediction (the mean; for class labels the
         most likely class), NaN off the targets.
     :ivar ~torch.Tensor probability: the probability of the predicted class, NaN elsewhere.
+    :ivar ~torch.Tensor rank: for class labels, the rank of the observed class among all classes
+        (1: the most likely; :meth:`~pyro_efa.families.Family.rank`), NaN elsewhere.
     :ivar ~torch.Tensor draw: one draw of each target from its conditional (``sample=True``),
         the observed values elsewhere.
     :ivar ~torch.Tensor eta: ``(U, L, D)`` natural parameters of each target (``eta=True``).
@@ -109,6 +111,7 @@ class Scores:
     loglik: torch.Tensor
     prediction: torch.Tensor
     probability: torch.Tensor
+    rank: torch.Tensor
     draw: torch.Tensor | None = None
     eta: torch.Tensor | None = None
 
@@ -226,6 +229,7 @@ class Scorer:
             loglik=torch.zeros_like(values),
             prediction=nan,
             probability=nan.clone(),
+            rank=nan.clone(),
             draw=values.clone() if sample else None,
         )
         with torch.no_grad(), eval_mode(self.fit.model):
@@ -251,15 +255,19 @@ class Scorer:
             site = trace.nodes[name]
             m = targets & (fam == f)
             d = site["fn"].base_dist  # the model masks the family's distribution to its targets
-            lp = d.log_prob(family.as_observation(family.fill(batch.values, m)))
+            x = family.as_observation(family.fill(batch.values, m))
+            lp = d.log_prob(x)
             out.loglik[idx, :width] += torch.where(m, lp, torch.zeros_like(lp))
             pred, prob = family.point_prediction(d)
             out.prediction[idx, :width] = torch.where(m, pred.to(lp.dtype), out.prediction[idx, :width])
             if prob is not None:
                 out.probability[idx, :width] = torch.where(m, prob, out.probability[idx, :width])
+            rank = family.rank(d, x)
+            if rank is not None:
+                out.rank[idx, :width] = torch.where(m, rank.to(lp.dtype), out.rank[idx, :width])
             if out.draw is not None:
-                x = site["value"].to(out.draw.dtype)
-                out.draw[idx, :width] = torch.where(m, x, out.draw[idx, :width])
+                drawn = site["value"].to(out.draw.dtype)
+                out.draw[idx, :width] = torch.where(m, drawn, out.draw[idx, :width])
             if eta:
                 e = site["infer"]["eta"]
                 if out.eta is None:

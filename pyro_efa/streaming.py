@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import OOV_LABEL, EFAData, Vocabulary, key_moments, label_sort_key
+from .data import OOV_LABEL, EFAData, Vocabulary, key_moments, label_sort_key, leave_out_missing
 from .errors import InputError
 
 __all__ = ["StreamingUnits", "unit_hash"]
@@ -130,6 +130,7 @@ class StreamingUnits:
         moments: tuple[np.ndarray, np.ndarray, np.ndarray],
         workdir: Path,
         owner: Any = None,
+        missing: dict[Any, int] | None = None,
     ) -> None:
         self.shards = shards
         self.kind = kind
@@ -137,6 +138,8 @@ class StreamingUnits:
         self.items = items
         self.columns = columns
         self.ties = ties
+        #: with ``missing="drop"``: how many observations of each key the whole file left out
+        self.missing = dict(missing or {})
         self._moments = moments
         self.workdir = workdir
         self._owner = owner  # keeps the temporary directory alive while a part is in use
@@ -166,13 +169,17 @@ class StreamingUnits:
         items: Vocabulary | None = None,
         oov: bool = False,
         ties: str = "error",
+        missing: str = "error",
+        na_values: Sequence[Any] | None = None,
         workdir: str | Path | None = None,
     ) -> StreamingUnits | tuple[StreamingUnits, ...]:
         """Scan ``path`` (Parquet for a ``.parquet`` / ``.pq`` suffix, else CSV; TSV for
         ``.tsv``) into unit shards.
 
-        The column arguments, ``keys``, ``items``, ``oov`` and ``ties`` are those of
-        :meth:`EFAData.from_pandas`, with the same checks and error messages.
+        The column arguments, ``keys``, ``items``, ``oov``, ``ties``, ``missing`` and
+        ``na_values`` are those of :meth:`EFAData.from_pandas`, with the same checks and error
+        messages (missing values are left out as each chunk is read; :attr:`missing` counts them
+        per key over the whole file).
 
         :param fractions: split the units into parts of these fractions (by a seeded hash of
             the unit label, so about, not exactly, these fractions); returns one
@@ -196,10 +203,11 @@ class StreamingUnits:
         root = Path(tempfile.mkdtemp(prefix="pyro_efa_shards_")) if owned else Path(workdir)
         root.mkdir(parents=True, exist_ok=True)
         scan = _Scan(path, columns, root, parts, seed, shard_rows, keys=keys, items=items, oov=oov)
-        distinct = scan.run(chunk_rows)
+        distinct = scan.run(chunk_rows, missing, na_values)
         if distinct is None:
             shutil.rmtree(root, ignore_errors=True) if owned else None
-            raise InputError("the table is empty: no observations to build units from")
+            what = "every value is missing" if scan.left_out else "the table is empty"
+            raise InputError(f"{what}: no observations to build units from")
         keys, item_vocab = _vocabularies(distinct, columns, keys, items, oov)
         owner = _TempDir(root) if owned else None
         out = []
@@ -221,6 +229,7 @@ class StreamingUnits:
                     moments=tuple(sums),
                     workdir=root,
                     owner=owner,
+                    missing=scan.left_out,
                 )  # fmt: skip
             )
         return out[0] if fractions is None else tuple(out)
@@ -326,8 +335,9 @@ class _Scan:
         self.num_shards = max(1, math.ceil(total / shard_rows))
         self.writers: dict[tuple[int, int], Any] = {}
         self.schema: Any = None
+        self.left_out: dict[Any, int] = {}
 
-    def run(self, chunk_rows: int) -> pd.DataFrame | None:
+    def run(self, chunk_rows: int, missing: str, na_values: Sequence[Any] | None) -> pd.DataFrame | None:
         c = self.columns
         needed = list(
             dict.fromkeys([c["unit"], *c["key"]] + [c[k] for k in ("value", "order", "context") if c[k]])
@@ -345,6 +355,14 @@ class _Scan:
                         f"column {value!r}: streamed tables take numbers (got dtype {chunk[value].dtype}); "
                         "class labels need the whole table at once: read it with EFAData.from_pandas"
                     )
+                if value is not None:  # missing values left out (or refused) before any other check
+                    chunk, left = leave_out_missing(chunk, c, missing, na_values, allow_empty=True)
+                    for k, n in left.items():
+                        if k != "<units>":  # a unit may have rows in other chunks
+                            self.left_out[k] = self.left_out.get(k, 0) + n
+                    if len(chunk) == 0:
+                        continue
+                    chunk = chunk.copy() if left else chunk
                 # every check of from_pandas, on this chunk (ties are checked per shard later)
                 EFAData.from_pandas(chunk, **c, **self.lookup, ties="keep")
                 found.append(chunk[c["key"]].drop_duplicates())

@@ -291,3 +291,114 @@ def test_parquet_multi_column_keys_and_context(tmp_path: Path, capsys) -> None:
     bad = [*args, "--family-option", "gamma.foo=1", "--out", str(tmp_path / "f2"), *SMALL]
     assert main(bad) == 2
     assert "--family-option" in error_line(capsys)
+
+
+# -- data as users bring it: string classes, missing values, checks of the whole table ----------
+def _mixed_csv(path: Path, num_cars: int = 60, seed: int = 0) -> Path:
+    """A long table of cars: numbers and strings in one value column, -99 and empty cells for
+    missing readings."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(num_cars):
+        origin = rng.choice(["usa", "europe", "japan"])
+        cyl = int(rng.poisson(5 if origin == "usa" else 4))
+        values = {"cyl": cyl, "mpg": round(40 - 3 * cyl + rng.normal(0, 2), 1), "origin": origin}
+        for key, value in values.items():
+            rows.append({"car": f"car{c:02d}", "variable": key, "value": value})
+    df = pd.DataFrame(rows).astype({"value": object})
+    df.loc[[1, 7], "value"] = -99  # two sentinel readings
+    df.loc[[4], "value"] = np.nan  # an empty cell
+    df.to_csv(path, index=False)
+    return path
+
+
+MIXED = ["--unit", "car", "--key", "variable", "--value", "value"]
+MIXED += ["--family-map", "cyl=poisson,mpg=gaussian,origin=categorical", "--direction", "bi"]
+
+
+def test_mixed_types_with_string_classes_and_missing_values(tmp_path: Path, capsys) -> None:
+    csv = _mixed_csv(tmp_path / "cars.csv")
+    out = tmp_path / "fit"
+    args = ["fit", str(csv), *MIXED, "--missing", "drop", "--na-values", "-99", "--context-stream", "fixed"]
+    assert main([*args, "--out", str(out), *SMALL]) == 0
+    text = capsys.readouterr().out
+    assert "left out 3 missing value(s)" in text
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["context_stream"] == "fixed"
+    metrics = json.loads((out / "metrics.json").read_text())["test"]
+    per_key = {r["key"]: r for r in metrics["per_key"]}
+    assert set(per_key) == {"cyl", "mpg", "origin"}
+    assert "accuracy" in per_key["origin"] and "recall@10" in per_key["origin"] and "mse" not in per_key["origin"]
+    assert "mse" in per_key["mpg"] and {r["family"] for r in metrics["per_site"]} == {
+        "poisson", "gaussian", "categorical",
+    }  # fmt: skip
+    block = metric_block(text)
+    assert any(line.split()[:1] == ["origin"] for line in block)  # the per-key table is printed
+    # evaluate and predict read the file as the fit did (split.json keeps --missing / --na-values)
+    assert main(["evaluate", str(out), str(csv), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+    dest = tmp_path / "predictions.csv"
+    assert main(["predict", str(out), str(csv), "--out", str(dest)]) == 0
+    table = pd.read_csv(dest)
+    origin = table[table["key"] == "origin"]
+    assert set(origin["prediction"]) <= {"usa", "europe", "japan"}  # labels, not class codes
+    assert set(origin["value"]) <= {"usa", "europe", "japan"}
+
+
+def test_errors_name_the_cli_flags(tmp_path: Path, capsys) -> None:
+    csv = _mixed_csv(tmp_path / "cars.csv", num_cars=20)
+    assert main(["fit", str(csv), *MIXED, "--out", str(tmp_path / "f1"), *SMALL]) == 2
+    line = error_line(capsys)
+    assert "--missing drop" in line and "missing='drop'" not in line and "--na-values" in line
+    counts = _counts_csv(tmp_path / "counts.csv", num_users=10)
+    df = pd.read_csv(counts)
+    df.loc[1, "timestamp"] = df.loc[0, "timestamp"]  # a tie within the first user
+    df.to_csv(counts, index=False)
+    assert main(_fit_args(counts, tmp_path / "f2", "--order", "timestamp")) == 2
+    line = error_line(capsys)
+    assert "--ties keep" in line and "ties='keep'" not in line
+    assert main(_fit_args(counts, tmp_path / "f3", "--split", "0.5", "0.5", "0.5")) == 2
+    assert "--split" in error_line(capsys)
+    assert main(_fit_args(counts, tmp_path / "f4", "--na-values", "-1")) == 2
+    assert "--missing drop" in error_line(capsys)
+    assert not any((tmp_path / f).exists() for f in ("f1", "f2", "f3", "f4"))
+
+
+def _test_units(csv: Path, unit: str, seed: int = 0) -> list:
+    from pyro_efa import EFAData
+
+    df = pd.read_csv(csv)
+    data = EFAData.from_pandas(
+        df, unit=unit, key=df.columns[1], value=df.columns[-1], ties="keep", missing="drop", na_values=[-99]
+    )
+    return data.split((0.8, 0.1, 0.1), seed=seed)[2].unit_labels
+
+
+def test_held_out_values_are_checked_before_training(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=40)
+    df = pd.read_csv(csv)[["user_id", "movie_id", "count"]]
+    df.to_csv(csv, index=False)
+    test_units = _test_units(csv, "user_id")
+    rows = df.index[df["user_id"].isin(test_units[:2])][:2]
+    df.loc[rows, "count"] = -3  # invalid for the Poisson, in test units only
+    df.to_csv(csv, index=False)
+    out = tmp_path / "fit"
+    args = ["fit", str(csv), "--unit", "user_id", "--key", "movie_id", "--value", "count", "--ties", "keep"]
+    assert main([*args, "--family", "poisson", "--out", str(out), *SMALL]) == 2
+    line = error_line(capsys)
+    assert f"unit {int(df.loc[rows[0], 'user_id'])}" in line and "-3" in line and "2 such" in line
+    assert "poisson" in line
+    assert not (out / "config.json").exists()
+
+
+def test_classes_only_in_held_out_units_are_named_before_training(tmp_path: Path, capsys) -> None:
+    csv = _mixed_csv(tmp_path / "cars.csv", num_cars=40)
+    df = pd.read_csv(csv)
+    test_units = _test_units(csv, "car")  # the split does not depend on the values
+    df.loc[df["car"].isin(test_units[:1]) & (df["variable"] == "origin"), "value"] = "mars"
+    df.to_csv(csv, index=False)
+    args = ["fit", str(csv), *MIXED, "--missing", "drop", "--na-values", "-99"]
+    assert main([*args, "--out", str(tmp_path / "fit"), *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "occur only in test units" in err and "class 'mars' of key 'origin'" in err
+    assert f"first in unit '{test_units[0]}'" in err

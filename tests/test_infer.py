@@ -256,6 +256,41 @@ def test_unit_with_only_context_observations_contributes_nothing() -> None:
     assert evaluate(f, data)["num_observations"] == 4
 
 
+@pytest.mark.parametrize(
+    "direction, context_stream, encoding, target_fraction",
+    [
+        ("uni", "shared", "one_pass", 1.0),
+        ("uni", "shared", "per_target", 1.0),
+        ("uni", "shared", "per_target", 0.5),
+        ("bi", "fixed", "one_pass", 1.0),
+        ("bi", "fixed", "per_target", 0.5),
+        ("bi", "shared", "per_target", 1.0),
+        ("bi", "shared", "per_target", 0.5),
+    ],
+)
+def test_units_without_targets_in_every_encoding_mode(
+    direction: str, context_stream: str, encoding: str, target_fraction: float
+) -> None:
+    """Units holding only context rows (a day whose readings are all missing while its lag rows
+    are present) train, score and subsample targets without error, and contribute nothing."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(12):
+        for k in range(4):
+            context = u % 3 == 0 or k == 0  # units 0, 3, 6, 9: context rows only
+            rows.append({"u": u, "k": k, "x": rng.normal(), "ctx": context})
+    data = EFAData.from_pandas(pd.DataFrame(rows), unit="u", key="k", value="x", context="ctx")
+    config = {**SMALL, "num_layers": 2, "direction": direction, "context_stream": context_stream}
+    model = EFA.from_data(data, encoding=encoding, target_fraction=target_fraction, **config)
+    f = fit(model, data, num_epochs=3, batch_size=4, progress=False)
+    assert all(math.isfinite(x) for x in f.losses)
+    ll = log_likelihood(f, data)
+    empty = [i for i, label in enumerate(data.unit_labels) if label % 3 == 0]
+    assert torch.all(ll[empty] == 0) and torch.isfinite(ll).all()
+    assert evaluate(f, data)["num_observations"] == 8 * 3
+    assert torch.isfinite(posterior_predictive(f, data, num_samples=2)).all()
+
+
 def test_ancestral_first_draw_follows_the_intercept() -> None:
     """Uni EFE: the first item of a new unit has an empty context, so its distribution is
     softmax(b) exactly; draws match it within 4 standard errors per item."""

@@ -92,6 +92,12 @@ class Family(PyroModule):
         the probability of the predicted class (``None`` otherwise). The default is the mean."""
         return d.mean, None
 
+    def rank(self, d: TorchDistribution, x: torch.Tensor) -> torch.Tensor | None:
+        """For class labels: the rank of each observed class ``x`` among all classes under ``d``
+        (1 for the most likely class), for recall@k and NDCG@k; ``None`` (the default) for
+        families without a ranking."""
+        return None
+
     @classmethod
     def options_from_data(cls, x: torch.Tensor, classes: Sequence[int | None]) -> dict[str, Any]:
         """Options of the family read off the training data, used by :meth:`EFA.from_data` for the

@@ -51,7 +51,7 @@ class CategoricalFamily(Family):
             raise InputError(f"num_categories must be an integer >= 2, got {num_categories!r}")
         super().__init__(num_keys, per_key)
         self.num_categories = int(num_categories)
-        self.key_classes = None
+        beyond = None
         if key_classes is not None:
             if len(key_classes) != self.num_keys or not all(1 <= c <= num_categories for c in key_classes):
                 raise InputError(
@@ -60,7 +60,7 @@ class CategoricalFamily(Family):
                 )
             # (keys, classes): True where a class lies beyond the key's vocabulary
             beyond = torch.arange(self.num_categories) >= torch.tensor(list(key_classes))[:, None]
-            self.register_buffer("key_classes", beyond, persistent=False)
+        self.register_buffer("key_classes", beyond, persistent=False)
         # the support depends on the instance, so it shadows the class attribute
         self.support = constraints.integer_interval(0, self.num_categories - 1)
 
@@ -81,6 +81,14 @@ class CategoricalFamily(Family):
         """The most likely class (as a float, like the stored values) and its probability."""
         prob, label = d.probs.max(-1)
         return label.to(prob.dtype), prob
+
+    def rank(self, d: TorchDistribution, x: torch.Tensor) -> torch.Tensor:
+        """``1 +`` the number of classes strictly more likely than the observed class ``x`` (long
+        class indices): 1 when ``x`` is the most likely class. Classes a key does not have (and
+        items excluded by the context) have probability 0 and never rank above ``x``."""
+        logits = d.logits
+        observed = logits.gather(-1, x.unsqueeze(-1))
+        return 1 + (logits > observed).sum(-1)
 
     @classmethod
     def options_from_data(cls, x: torch.Tensor, classes: Sequence[int | None]) -> dict[str, Any]:
