@@ -402,3 +402,13 @@ def test_classes_only_in_held_out_units_are_named_before_training(tmp_path: Path
     err = capsys.readouterr().err
     assert "occur only in test units" in err and "class 'mars' of key 'origin'" in err
     assert f"first in unit '{test_units[0]}'" in err
+
+
+def test_values_in_messages_at_the_data_precision(tmp_path: Path, capsys) -> None:
+    csv = _counts_csv(tmp_path / "counts.csv", num_users=10)
+    df = pd.read_csv(csv).astype({"count": float})
+    df.loc[5, "count"] = 10.9  # not a count; float32 stores 10.899999618530273
+    df.to_csv(csv, index=False)
+    assert main(_fit_args(csv, tmp_path / "fit", "--ties", "keep")) == 2
+    line = error_line(capsys)
+    assert "value 10.9 " in line and "10.8999" not in line and "1 such" in line
