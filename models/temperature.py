@@ -6,15 +6,33 @@ missing; University of Dayton archive) for 47 US cities, September 29 to October
 and ``temperature/all_cities_lat_lon.csv`` (State, City, Latitude, Longitude). The files are read
 from a path and never copied.
 
-**Protocol (SPEC section 2).** The states with missing values (-99) are dropped entirely
-(Arizona, Connecticut, South Dakota), leaving 44 cities. One unit per October day (31 days x 13
-years = 403 units of 44 observations). The key of an observation is the city's (latitude,
-longitude), two numeric key columns embedded by an MLP (``key_embedding="mlp"``); there is no
-position embedding (``position=False``). The value is the temperature, Gaussian. Bidirectional
-only: each city's temperature is predicted from all other cities on the same day, a
-pseudo-likelihood (a dependency network), not a joint density. Split by year: train 2007-2012
-(186 days), validation 2013-2016 (124 days, early stopping), test 2017-2019 (93 days). Metric:
-test MSE in F^2 per city-day.
+**Other files and months.** Every function takes ``path=`` (any table in the Kaggle format, e.g.
+the whole Kaggle file), ``month=`` (1-12, default 10) and ``coordinates=`` (default
+``temperature/all_cities_lat_lon.csv`` under the data folder); the script takes ``--data FILE``,
+``--month M`` and ``--coordinates FILE``. The units are the days of ``month`` found in the file;
+the lag days of its first days are the days before them found in the file (September 29-30 for
+October here, December 30-31 of the previous year for January), and a day whose previous day is
+not in the file has no lag rows. Rows whose Year / Month / Day is not a date (a Day 0, say) are
+left out; the split is by year as below (the days of other years are not read). A city of the
+file without coordinates is an error naming it.
+
+**Missing readings** (-99 or empty) are left out of their day (``missing="drop"`` of
+:meth:`EFAData.from_pandas <pyro_efa.EFAData.from_pandas>`, counted per key in
+``EFAData.missing``): a city is kept on the days it was read. A day whose readings are all
+missing is no unit without lags, and a unit of context rows only with lags.
+
+**Protocol (SPEC section 2, the paper's).** ``drop_states_with_missing=True`` (the script's
+``--paper-protocol``) drops the states with any missing reading among the days read (Arizona,
+Connecticut, South Dakota), leaving 44 cities; :data:`EXPERIMENTS` and ``benchmarks/reproduce.py``
+use it. It is the default for the paper's run only (the October file, ``path`` not given,
+``month=10``; the script without ``--data`` and ``--month``); with another file or month missing
+readings are left out unless it is asked for. One unit per October day (31 days x 13 years = 403
+units of 44 observations). The key of an observation is the city's (latitude, longitude), two
+numeric key columns embedded by an MLP (``key_embedding="mlp"``); there is no position embedding
+(``position=False``). The value is the temperature, Gaussian. Bidirectional only: each city's
+temperature is predicted from all other cities on the same day, a pseudo-likelihood (a dependency
+network), not a joint density. Split by year: train 2007-2012 (186 days), validation 2013-2016
+(124 days, early stopping), test 2017-2019 (93 days). Metric: test MSE in F^2 per city-day.
 
 **Lags** (``lags=1`` or ``2``): the previous 1 (2) days' temperatures of all 44 cities are added to
 each day as context-only rows (``context=`` column of ``EFAData.from_pandas``; they feed the
@@ -29,11 +47,22 @@ predictor, 22.68 at its best k = 5 (without intercept in the official code).
 mean of its k nearest other cities on the same day, nearest by great-circle (haversine) distance,
 through a per-city linear regression ``y = a + b * mean_knn`` fitted on the training days (the
 intercept ``a`` that SPEC asks every model to have). Test MSE for k = 1..40; the best k is chosen
-on the validation days (the test-best k is printed too).
+on the validation days (the test-best k is printed too). With missing readings, the k nearest
+cities *read that day* (all of them when fewer are), the regression fitted on the training days on
+which the city and another city were read; on a day when no other city was read, the prediction
+is the city's training mean.
 
 **Per-city ridge regression** (:func:`ridge_baseline`, not in the paper): each city regressed on
 all other cities of the day (and all cities of the lag days), penalty chosen on validation. It is
-the strongest reference here: test MSE 8.96 (same day), 8.50 (1 lag), 9.34 (2 lags).
+the strongest reference here: test MSE 8.96 (same day), 8.50 (1 lag), 9.34 (2 lags). A missing
+predictor (a city not read that day, a lag day not in the file) is filled with its training mean
+(0 once standardised); only read targets are fitted and predicted. On the October file with the
+missing readings left out (47 cities, 11 readings missing): 8.73, 8.40, 9.15; the k-nearest-city
+baseline 10.81 at k = 3 chosen on validation (10.60 with the 44 cities).
+
+Both baselines score the readings of the validation and test days only (missing ones are no
+target) and leave out of the targets, with a warning and in the table's ``attrs["left_out"]``, a
+city with no reading on the training days (it cannot be fitted); they never return NaN.
 
 **Recommended configuration** (SPEC's temperature specifics, then chosen on the validation years:
 ``EXPERIMENTS``): each block is attention + LayerNorm + feed-forward (64) +
@@ -68,14 +97,20 @@ baseline (uniform attention, ``x_j * key_mlp(lat_j, lon_j)``, with an intercept,
 paper number here.
 
 Run ``python models/temperature.py`` (``--lags 1``, ``--layers 4``); ``--smoke`` for a
-seconds-long check of the pipeline.
+seconds-long check of the pipeline; ``--data FILE --month M`` for another table or month (the
+paper's numbers are then not shown; ``--paper-protocol`` drops the states with missing readings
+there too, ``--no-paper-protocol`` leaves missing readings out on the October file).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -86,7 +121,15 @@ from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
 __all__ = ["EXPERIMENTS", "knn_baseline", "load", "read_temperatures", "ridge_baseline"]
 
 TRAIN_YEARS, VAL_YEARS, TEST_YEARS = range(2007, 2013), range(2013, 2017), range(2017, 2020)
+YEARS = range(TRAIN_YEARS[0], TEST_YEARS[-1] + 1)  # the days of other years are not read
 MISSING = -99.0
+MAX_LAGS = 2  # lag days read before the first day of the month
+PAPER_FILE = Path("temperature") / "city_temperature_us_october.csv"  # under the data folder
+COORDINATES_FILE = Path("temperature") / "all_cities_lat_lon.csv"
+PAPER_MONTH = 10
+# the data options of the paper's run (keyword arguments of load)
+PAPER_RUN = {"path": None, "month": PAPER_MONTH, "coordinates": None, "drop_states_with_missing": True}
+KAGGLE_COLUMNS = ("State", "City", "Month", "Day", "Year", "AvgTemperature")  # the columns read
 PAPER = {(0, 1): 17.13, (0, 2): 11.52, (0, 4): 11.22, (1, 4): 9.25, (2, 4): 10.42}  # (lags, layers)
 PAPER_KNN = (5, 22.68)  # best k, its test MSE
 EARTH_RADIUS_KM = 6371.0
@@ -106,57 +149,181 @@ FIT_LAGS = {
 FIT_EFE = {"lr": 3e-3, "batch_size": 8, "patience": 10}
 
 
-def read_temperatures(data_dir: str | Path = DATA_DIR) -> pd.DataFrame:
-    """All days (Sep 29 - Oct 31, 2007-2019) of the cities of the states without missing values.
+# ------------------------------------------------------------------------------------------------
+# reading the Kaggle table
+def _paper_protocol(path: str | Path | None, month: int, drop_states_with_missing: bool | None) -> bool:
+    # the default: the paper's protocol for the paper's run (its October file, October) only
+    if drop_states_with_missing is None:
+        return path is None and month == PAPER_MONTH
+    return bool(drop_states_with_missing)
 
-    :returns: columns city ("City, State"), latitude, longitude, date, temperature.
-    """
-    folder = Path(data_dir) / "temperature"
-    raw = pd.read_csv(folder / "city_temperature_us_october.csv")
-    coords = pd.read_csv(folder / "all_cities_lat_lon.csv")
-    bad_states = raw.loc[raw["AvgTemperature"] == MISSING, "State"].unique()  # AZ, CT, SD
-    df = raw[~raw["State"].isin(bad_states)]
-    df = df.merge(coords, on=["State", "City"], how="left", validate="many_to_one")
-    if df["Latitude"].isna().any():
-        raise ValueError("some cities have no coordinates in all_cities_lat_lon.csv")
+
+def _read_days(file: Path, month: int) -> pd.DataFrame:
+    """The rows of the days of ``month`` and of the :data:`MAX_LAGS` days before its first day,
+    with a ``date`` column; missing readings (-99, empty) as NaN."""
+    if not 1 <= month <= 12:
+        raise ValueError(f"month must be 1-12, got {month}")
+    raw = pd.read_csv(file)
+    absent = [c for c in KAGGLE_COLUMNS if c not in raw.columns]
+    if absent:
+        raise ValueError(
+            f"{file}: column(s) {absent} not found; expected the Kaggle 'Daily Temperature of Major "
+            f"Cities' columns Region, Country, State, City, Month, Day, Year, AvgTemperature"
+        )
+    raw = raw[raw["Month"].isin([12 if month == 1 else month - 1, month])]
+    date = pd.to_datetime({"year": raw["Year"], "month": raw["Month"], "day": raw["Day"]}, errors="coerce")
+    ahead = date + pd.Timedelta(days=MAX_LAGS)  # a lag day (the last days of the month before) is
+    in_month, lag_day = date.dt.month == month, ahead.dt.month == month  # read for its month's days
+    year = ahead.dt.year.where(lag_day & ~in_month, date.dt.year)  # the year of the days it serves
+    keep = date.notna() & (in_month | lag_day) & year.isin(list(YEARS))  # not a date (Day 0): left out
+    if not (keep & in_month).any():
+        raise ValueError(f"{file}: no day of month {month} of the years {YEARS[0]}-{YEARS[-1]} in the file")
+    raw, temperature = raw[keep], raw.loc[keep, "AvgTemperature"].astype(float)
+    return raw.assign(date=date[keep], AvgTemperature=temperature.mask(temperature == MISSING))
+
+
+def _drop_states_with_missing(raw: pd.DataFrame, file: Path, month: int) -> pd.DataFrame:
+    bad_states = raw.loc[raw["AvgTemperature"].isna(), "State"].unique()  # AZ, CT, SD in October
+    kept = raw[~raw["State"].isin(bad_states)]
+    if kept.empty:
+        raise ValueError(
+            f"{file}: every state has a missing reading in month {month} (or the days before it), so "
+            "the paper's protocol (drop_states_with_missing=True, --paper-protocol) keeps no city; "
+            "leave it off to leave the missing readings out of their days instead"
+        )
+    return kept
+
+
+def _with_coordinates(raw: pd.DataFrame, coordinates: Path) -> pd.DataFrame:
+    coords = pd.read_csv(coordinates)
+    absent = [c for c in ("State", "City", "Latitude", "Longitude") if c not in coords.columns]
+    if absent:
+        raise ValueError(f"{coordinates}: column(s) {absent} not found (State, City, Latitude, Longitude)")
+    coords = coords[["State", "City", "Latitude", "Longitude"]]
+    df = raw.merge(coords, on=["State", "City"], how="left", validate="many_to_one")
+    place = df["State"].fillna("")
+    if "Country" in df.columns:  # a city outside the US has no state in the Kaggle file
+        place = place.where(place != "", df["Country"].fillna(""))
+    city = df["City"] + ", " + place  # two cities are called Charleston
+    unplaced = pd.unique(city[df["Latitude"].isna() | df["Longitude"].isna()])
+    if len(unplaced):
+        more = (
+            f" (and {len(unplaced) - 1} other cities: {', '.join(unplaced[1:6])})"
+            if len(unplaced) > 1
+            else ""
+        )
+        raise ValueError(
+            f"city {unplaced[0]!r}{more} has no coordinates in {coordinates}: add its row "
+            "(State, City, Latitude, Longitude) or pass another file (coordinates=, --coordinates)"
+        )
     return pd.DataFrame(
         {
-            "city": df["City"] + ", " + df["State"],  # two cities are called Charleston
+            "city": city,
             "latitude": df["Latitude"],
             "longitude": df["Longitude"],
-            "date": pd.to_datetime({"year": df["Year"], "month": df["Month"], "day": df["Day"]}),
+            "date": df["date"],
             "temperature": df["AvgTemperature"],
         }
     )
 
 
-def load(data_dir: str | Path = DATA_DIR, lags: int = 0) -> Splits:
-    """Train (2007-2012), validation (2013-2016) and test (2017-2019) October days.
+def read_temperatures(
+    data_dir: str | Path = DATA_DIR,
+    *,
+    path: str | Path | None = None,
+    month: int = PAPER_MONTH,
+    coordinates: str | Path | None = None,
+    drop_states_with_missing: bool | None = None,
+) -> pd.DataFrame:
+    """The readings of every city on the days of ``month`` and the two days before its first day
+    (September 29 - October 31 for the paper's file), of the years 2007-2019 (the others are not
+    read).
+
+    :param data_dir: folder holding ``temperature/`` (the default files).
+    :param path: a table in the Kaggle "Daily Temperature of Major Cities" format (default: the
+        paper's October file under ``data_dir``).
+    :param int month: the month whose days are the units (1-12).
+    :param coordinates: a table with columns State, City, Latitude, Longitude (default:
+        ``temperature/all_cities_lat_lon.csv`` under ``data_dir``).
+    :param drop_states_with_missing: the paper's protocol: drop the states with any missing
+        reading in these days. Default: True for the paper's file and October (``path`` not
+        given, ``month=10``), else False (missing readings stay, as NaN).
+    :returns: columns city ("City, State"), latitude, longitude, date, temperature (F, NaN when
+        missing).
+    :raises ValueError: for a file not in the Kaggle format, a month without days, a city without
+        coordinates, or the paper's protocol keeping no city.
+    """
+    folder = Path(data_dir)
+    file = Path(path) if path is not None else folder / PAPER_FILE
+    raw = _read_days(file, month)
+    if _paper_protocol(path, month, drop_states_with_missing):
+        raw = _drop_states_with_missing(raw, file, month)
+    df = _with_coordinates(raw, Path(coordinates) if coordinates is not None else folder / COORDINATES_FILE)
+    df = df.drop_duplicates(["city", "date", "temperature"])  # a row repeated as it is
+    clash = df.duplicated(["city", "date"], keep=False)
+    if clash.any():
+        first = df[clash].iloc[0]
+        raise ValueError(f"{file}: two different readings of {first['city']!r} on {first['date']:%Y-%m-%d}")
+    return df
+
+
+def load(
+    data_dir: str | Path = DATA_DIR,
+    lags: int = 0,
+    *,
+    path: str | Path | None = None,
+    month: int = PAPER_MONTH,
+    coordinates: str | Path | None = None,
+    drop_states_with_missing: bool | None = None,
+) -> Splits:
+    """Train (2007-2012), validation (2013-2016) and test (2017-2019) days of ``month``.
+
+    Missing readings are left out of their day (counted per key in ``EFAData.missing``) unless
+    ``drop_states_with_missing`` (the paper's protocol; the options are those of
+    :func:`read_temperatures`).
 
     :param int lags: previous days of all cities added as context-only rows (0, 1 or 2); the keys
-        are then (latitude, longitude, lag).
+        are then (latitude, longitude, lag). A day whose previous day is not in the file has no
+        lag rows, a day not in the file is no unit; a day whose readings are all missing is a unit
+        of lag rows only (with lags), or no unit (without).
+    :raises ValueError: when a split has no day.
     """
     if lags not in (0, 1, 2):
         raise ValueError(f"lags must be 0, 1 or 2, got {lags}")
-    df = read_temperatures(data_dir)
+    df = read_temperatures(
+        data_dir,
+        path=path,
+        month=month,
+        coordinates=coordinates,
+        drop_states_with_missing=drop_states_with_missing,
+    )
+    days = df.loc[df["date"].dt.month == month, "date"].unique()  # the units: days of the month in the file
     parts = []
     for lag in range(lags + 1):  # the row of date t is the lag-``lag`` row of day t + lag
         part = df.assign(lag=lag, day=df["date"] + pd.Timedelta(days=lag))
-        parts.append(part[part["day"].dt.month == 10])  # units are the October days
+        parts.append(part[part["day"].isin(days)])
     rows = pd.concat(parts, ignore_index=True)
     rows["day"] = rows["day"].dt.year * 10_000 + rows["day"].dt.month * 100 + rows["day"].dt.day
     rows["context"] = rows["lag"] > 0  # previous days feed the contexts but are not modelled
     rows = rows.sort_values(["day", "lag", "city"])
     key = ["latitude", "longitude"] + (["lag"] if lags else [])
-    data = EFAData.from_pandas(rows, unit="day", key=key, value="temperature", context="context")
-    year = np.array(data.unit_labels) // 10_000
-    train, val, test = (
-        data.subset(np.flatnonzero(np.isin(year, list(years))).tolist(), reindex=True)
-        for years in (TRAIN_YEARS, VAL_YEARS, TEST_YEARS)
+    # a missing reading (NaN: -99 or empty in the file) is left out of its day
+    data = EFAData.from_pandas(
+        rows, unit="day", key=key, value="temperature", context="context", missing="drop"
     )
+    year = np.array(data.unit_labels) // 10_000
+    splits = []
+    for name, years in (("training", TRAIN_YEARS), ("validation", VAL_YEARS), ("test", TEST_YEARS)):
+        index = np.flatnonzero(np.isin(year, list(years))).tolist()
+        if not index:
+            raise ValueError(f"no day of month {month} in the {name} years {years[0]}-{years[-1]}")
+        splits.append(data.subset(index, reindex=True))
+    train, val, test = splits
     return train, val, test
 
 
+# ------------------------------------------------------------------------------------------------
+# baselines
 def _great_circle_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     phi, lam = np.radians(lat), np.radians(lon)
     dphi, dlam = phi[:, None] - phi[None, :], lam[:, None] - lam[None, :]
@@ -164,122 +331,273 @@ def _great_circle_km(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
-def knn_baseline(data_dir: str | Path = DATA_DIR, ks: Iterable[int] = range(1, 41)) -> pd.DataFrame:
+def _year_masks(dates: pd.DatetimeIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    year = dates.year
+    train, val, test = (np.isin(year, list(ys)) for ys in (TRAIN_YEARS, VAL_YEARS, TEST_YEARS))
+    return train, val, test
+
+
+def _left_out(cities: pd.Index, fitted: np.ndarray, baseline: str) -> list[str]:
+    """The cities that cannot be fitted (no training reading), with a warning naming them."""
+    names = [str(c) for c in cities[~fitted]]
+    if names:
+        warnings.warn(
+            f"{baseline}: no reading on the training days ({TRAIN_YEARS[0]}-{TRAIN_YEARS[-1]}) of "
+            f"{len(names)} city(ies), left out of the targets: {', '.join(names)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return names
+
+
+def _scores(sq: np.ndarray, scored: np.ndarray, val: np.ndarray, test: np.ndarray) -> tuple[float, float]:
+    """Mean squared error over the scored (read, fitted) readings of the validation and test days."""
+    out = []
+    for name, rows in (("validation", val), ("test", test)):
+        keep = scored[rows]
+        if not keep.any():
+            raise ValueError(f"no reading to score on the {name} days")
+        out.append(float(sq[rows][keep].mean()))
+    return out[0], out[1]
+
+
+def _knn_mean(
+    x: np.ndarray, observed: np.ndarray, order: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per day, the mean of the first ``k`` cities of ``order`` read that day, and whether any was."""
+    obs = observed[:, order]
+    if obs.all():  # no missing reading: as the paper's protocol computes it
+        return x[:, order[:k]].mean(1), np.ones(len(x), dtype=bool)
+    chosen = obs & (np.cumsum(obs, axis=1) <= k)
+    count = chosen.sum(1)
+    total = np.where(chosen, x[:, order], 0.0).sum(1)
+    return total / np.maximum(count, 1), count > 0
+
+
+def knn_baseline(
+    data_dir: str | Path = DATA_DIR,
+    ks: Iterable[int] = range(1, 41),
+    *,
+    path: str | Path | None = None,
+    month: int = PAPER_MONTH,
+    coordinates: str | Path | None = None,
+    drop_states_with_missing: bool | None = None,
+) -> pd.DataFrame:
     """The k-nearest-city baseline with a per-city intercept and slope.
 
-    For each city and k, ``y = a + b * (mean of the k nearest other cities, great-circle
-    distance, same day)`` is fitted by least squares on the training days (2007-2012).
+    For each city and k, ``y = a + b * (mean of the k nearest other cities read that day,
+    great-circle distance)`` is fitted by least squares on the training days (2007-2012) on which
+    the city was read; on a day when no other city was read, the prediction is the city's
+    training mean. The data options are those of :func:`read_temperatures`.
 
-    :returns: one row per k with columns k, val_mse, test_mse (F^2 per city-day).
+    :returns: one row per k with columns k, val_mse, test_mse (F^2 per city-day, over the read
+        readings); ``attrs["left_out"]``: the cities without training readings (not scored).
     """
-    df = read_temperatures(data_dir)
-    df = df[df["date"].dt.month == 10]
+    df = read_temperatures(
+        data_dir,
+        path=path,
+        month=month,
+        coordinates=coordinates,
+        drop_states_with_missing=drop_states_with_missing,
+    )
+    df = df[df["date"].dt.month == month]
     wide = df.pivot(index="date", columns="city", values="temperature")  # days x cities
     coords = df.drop_duplicates("city").set_index("city").loc[wide.columns]
     dist = _great_circle_km(coords["latitude"].to_numpy(), coords["longitude"].to_numpy())
     np.fill_diagonal(dist, np.inf)
-    nearest = np.argsort(dist, axis=1, kind="stable")
+    nearest = np.argsort(dist, axis=1, kind="stable")[:, :-1]  # the city itself (inf) is last
     x = wide.to_numpy()
-    year = wide.index.year
-    train, val, test = (np.isin(year, list(ys)) for ys in (TRAIN_YEARS, VAL_YEARS, TEST_YEARS))
+    observed = ~np.isnan(x)
+    train, val, test = _year_masks(wide.index)
+    with_other = observed.sum(1, keepdims=True) > observed  # another city was read that day
+    fitted = (observed & with_other & train[:, None]).any(0)
+    left_out = _left_out(wide.columns, fitted, "knn_baseline")
     out = []
     for k in ks:
-        pred = np.empty_like(x)
-        for c in range(x.shape[1]):
-            m = x[:, nearest[c, :k]].mean(1)
+        pred = np.zeros_like(x)
+        for c in np.flatnonzero(fitted):
+            m, defined = _knn_mean(x, observed, nearest[c], k)
             design = np.stack([np.ones_like(m), m], axis=1)
-            coef = np.linalg.lstsq(design[train], x[train, c], rcond=None)[0]
-            pred[:, c] = design @ coef
-        sq = (pred - x) ** 2
-        out.append({"k": k, "val_mse": float(sq[val].mean()), "test_mse": float(sq[test].mean())})
-    return pd.DataFrame(out)
+            rows = train & observed[:, c] & defined
+            coef = np.linalg.lstsq(design[rows], x[rows, c], rcond=None)[0]
+            pred[:, c] = np.where(defined, design @ coef, x[train & observed[:, c], c].mean())
+        sq = np.where(observed, pred - np.nan_to_num(x), 0.0) ** 2
+        val_mse, test_mse = _scores(sq, observed & fitted, val, test)
+        out.append({"k": k, "val_mse": val_mse, "test_mse": test_mse})
+    table = pd.DataFrame(out)
+    table.attrs["left_out"] = left_out
+    return table
+
+
+def _standardised(z: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Predictors standardised on their training readings; a missing one is its training mean
+    (0), and so is every value of a predictor never read (or constant) on the training days."""
+    observed = ~np.isnan(z)
+    seen = observed[train]
+    count = np.maximum(seen.sum(0), 1)
+    mean = np.where(seen, z[train], 0.0).sum(0) / count
+    centred = np.where(seen, z[train] - mean, 0.0)
+    sd = np.sqrt((centred * centred).sum(0) / count)
+    return np.divide(z - mean, sd, out=np.zeros_like(z), where=observed & (sd > 0))
 
 
 def ridge_baseline(
-    data_dir: str | Path = DATA_DIR, lags: int = 0, penalties: Iterable[float] = (1, 3, 10, 30, 100)
+    data_dir: str | Path = DATA_DIR,
+    lags: int = 0,
+    penalties: Iterable[float] = (1, 3, 10, 30, 100),
+    *,
+    path: str | Path | None = None,
+    month: int = PAPER_MONTH,
+    coordinates: str | Path | None = None,
+    drop_states_with_missing: bool | None = None,
 ) -> pd.DataFrame:
     """A per-city ridge regression on every other city of the same day (and every city of the
     previous ``lags`` days), a strong linear reference that SPEC does not ask for.
 
     For each city, ``y = a + w . z`` with ``z`` the predictors standardised on the training days
-    (2007-2012), ``w`` fitted by least squares with the penalty ``lambda * |w|^2``.
+    (2007-2012), ``w`` fitted by least squares with the penalty ``lambda * |w|^2`` on the training
+    days on which the city was read. A missing predictor (a city not read that day, a lag day not
+    in the file) is its training mean. The data options are those of :func:`read_temperatures`.
 
-    :returns: one row per penalty with columns penalty, val_mse, test_mse (F^2 per city-day).
+    :returns: one row per penalty with columns penalty, val_mse, test_mse (F^2 per city-day, over
+        the read readings); ``attrs["left_out"]``: the cities without training readings.
     """
-    df = read_temperatures(data_dir)
+    df = read_temperatures(
+        data_dir,
+        path=path,
+        month=month,
+        coordinates=coordinates,
+        drop_states_with_missing=drop_states_with_missing,
+    )
     wide = df.pivot(index="date", columns="city", values="temperature")  # all days x cities
-    x = wide.to_numpy()
-    rows = np.flatnonzero(wide.index.month == 10)  # October days; lag days are the rows before
-    year = wide.index.year[rows]
-    train, val, test = (np.isin(year, list(ys)) for ys in (TRAIN_YEARS, VAL_YEARS, TEST_YEARS))
-    num_cities = x.shape[1]
-    sq = {p: np.zeros((len(rows), num_cities)) for p in penalties}
-    for c in range(num_cities):
-        same_day = np.delete(x[rows], c, axis=1)
-        z = np.concatenate([same_day] + [x[rows - lag] for lag in range(1, lags + 1)], axis=1)
-        z = (z - z[train].mean(0)) / z[train].std(0)
-        y = x[rows, c]
-        gram, cross = z[train].T @ z[train], z[train].T @ (y[train] - y[train].mean())
+    days = wide.index[wide.index.month == month]  # the days of the month; lag days by date
+    lagged = [wide.reindex(days - pd.Timedelta(days=lag)).to_numpy() for lag in range(lags + 1)]
+    x, observed = lagged[0], ~np.isnan(lagged[0])
+    train, val, test = _year_masks(days)
+    fitted = (observed & train[:, None]).any(0)
+    left_out = _left_out(wide.columns, fitted, "ridge_baseline")
+    penalties = list(penalties)
+    sq = {p: np.zeros_like(x) for p in penalties}
+    for c in np.flatnonzero(fitted):
+        z = _standardised(np.concatenate([np.delete(x, c, axis=1), *lagged[1:]], axis=1), train)
+        rows = train & observed[:, c]
+        y = x[:, c]
+        mean = y[rows].mean()
+        gram, cross = z[rows].T @ z[rows], z[rows].T @ (y[rows] - mean)
         for p in penalties:
             w = np.linalg.solve(gram + p * np.eye(len(gram)), cross)
-            sq[p][:, c] = (z @ w + y[train].mean() - y) ** 2
-    scores = [{"penalty": p, "val_mse": e[val].mean(), "test_mse": e[test].mean()} for p, e in sq.items()]
-    return pd.DataFrame(scores)
+            sq[p][:, c] = np.where(observed[:, c], z @ w + mean - np.nan_to_num(y), 0.0) ** 2
+    scores = []
+    for p, e in sq.items():
+        val_mse, test_mse = _scores(e, observed & fitted, val, test)
+        scores.append({"penalty": p, "val_mse": val_mse, "test_mse": test_mse})
+    table = pd.DataFrame(scores)
+    table.attrs["left_out"] = left_out
+    return table
 
 
+# ------------------------------------------------------------------------------------------------
+# experiments and the command line
 def _experiment(lags: int) -> Experiment:
     return Experiment(
         name="temperature" if lags == 0 else f"temperature_lag{lags}",
         metric="mse",
         directions=("bi",),
         paper={("efa", "bi"): PAPER[lags, 4]},
-        loader=functools.partial(_load_splits, lags=lags),
+        loader=functools.partial(_load_splits, lags=lags, drop_states_with_missing=True),  # the paper's
         efa={"bi": {**EFA_BASE, **EFA_LAGS[lags]}},
         efe={"bi": {"key_embedding": "mlp"}},
         fit={("efa", None): FIT_LAGS[lags], ("efe", None): FIT_EFE},
     )
 
 
-def _load_splits(data_dir: Path, lags: int) -> Splits:
-    return load(data_dir, lags=lags)
+def _load_splits(data_dir: Path, lags: int, **options: Any) -> Splits:
+    return load(data_dir, lags=lags, **options)
 
 
-#: the October temperature experiments by number of lag days (0, 1, 2)
+#: the October temperature experiments by number of lag days (0, 1, 2), with the paper's protocol
 EXPERIMENTS = {lags: _experiment(lags) for lags in (0, 1, 2)}
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    kaggle = "a table in the Kaggle 'Daily Temperature of Major Cities' format"
+    p.add_argument("--data", type=Path, metavar="FILE", help=f"{kaggle} (default: the October file)")
+    p.add_argument(
+        "--month", type=int, choices=range(1, 13), metavar="M", help="the month of the units (default 10)"
+    )
+    p.add_argument(
+        "--coordinates",
+        type=Path,
+        metavar="FILE",
+        help="State, City, Latitude, Longitude table (default: temperature/all_cities_lat_lon.csv)",
+    )
+    p.add_argument(
+        "--paper-protocol",
+        action=argparse.BooleanOptionalAction,
+        help="drop the states with any missing reading (the paper's 44 cities); default: on without "
+        "--data and --month (the paper's run), else off: missing readings are left out of their day",
+    )
+
+
+def _data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The data options of the command line, as keyword arguments of :func:`load`."""
+    paper_run = args.data is None and args.month is None
+    protocol = paper_run if args.paper_protocol is None else args.paper_protocol
+    return {
+        "path": args.data,
+        "month": PAPER_MONTH if args.month is None else args.month,
+        "coordinates": args.coordinates,
+        "drop_states_with_missing": protocol,
+    }
+
+
+def _print_baselines(knn: pd.DataFrame, ridge: pd.DataFrame, lags: int, paper: bool) -> None:
+    best_val = knn.loc[knn["val_mse"].idxmin()]
+    best_test = knn.loc[knn["test_mse"].idxmin()]
+    print("\nk-nearest cities (great-circle distance), per-city y = a + b * mean_knn fitted on 2007-2012:")
+    print(" ".join(f"k={int(r.k)}:{r.test_mse:.2f}" for r in knn.itertuples()))
+    reference = f"; paper: k = {PAPER_KNN[0]}, {PAPER_KNN[1]:.2f} (no intercept)" if paper else ""
+    print(
+        f"best k on validation: {int(best_val.k)} (test MSE {best_val.test_mse:.2f}); best k on test: "
+        f"{int(best_test.k)} ({best_test.test_mse:.2f}){reference}"
+    )
+    best = ridge.loc[ridge["val_mse"].idxmin()]
+    print(
+        f"per-city ridge regression on the other cities ({lags} lag day(s)), penalty chosen on "
+        f"validation: {best.penalty:g}, test MSE {best.test_mse:.2f}"
+    )
+    left_out = sorted(set(knn.attrs.get("left_out", [])) | set(ridge.attrs.get("left_out", [])))
+    if left_out:
+        print(f"baselines: cities without training readings, not scored: {', '.join(left_out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parser("Bidirectional EFA on US October temperatures.", ["temperature"])
+    p = parser("Bidirectional EFA on US October temperatures (or another table, month).", ["temperature"])
     p.add_argument("--lags", type=int, choices=(0, 1, 2), default=0, help="previous days as context")
     p.add_argument("--layers", nargs="+", type=int, help="EFA depths (default 1 2 4; lags: recommended)")
+    _add_data_options(p)
     args = p.parse_args(argv)
     if args.direction not in (None, ["bi"]):
         p.error("the temperature experiment is bidirectional only (--direction bi)")
+    options = _data_options(args)
+    paper = options == PAPER_RUN
     experiment = EXPERIMENTS[args.lags]
+    if not paper:  # another table, month or protocol: the paper's numbers do not apply
+        loader = functools.partial(_load_splits, lags=args.lags, **options)
+        experiment = dataclasses.replace(experiment, loader=loader, paper={})
+    # the baselines first: a problem with the table shows before the fits
+    knn = knn_baseline(args.data_dir, **options)
+    ridge = ridge_baseline(args.data_dir, lags=args.lags, **options)
     layers = args.layers or ([1, 2, 4] if args.lags == 0 else [EFA_LAGS[args.lags]["num_layers"]])
     if args.smoke:
         layers = args.layers or [2]
     extra = {"ff_dim": 8} if args.smoke else {}
     variants = [
-        (f"EFA {n} layer(s)", "efa", {"num_layers": n, **extra}, PAPER.get((args.lags, n))) for n in layers
+        (f"EFA {n} layer(s)", "efa", {"num_layers": n, **extra}, PAPER.get((args.lags, n)) if paper else None)
+        for n in layers
     ] + [("EFE", "efe", {}, None)]
     run_cli(experiment, args, variants=variants, digits=2)
-    knn = knn_baseline(args.data_dir)
-    best_val = knn.loc[knn["val_mse"].idxmin()]
-    best_test = knn.loc[knn["test_mse"].idxmin()]
-    print("\nk-nearest cities (great-circle distance), per-city y = a + b * mean_knn fitted on 2007-2012:")
-    print(" ".join(f"k={int(r.k)}:{r.test_mse:.2f}" for r in knn.itertuples()))
-    print(
-        f"best k on validation: {int(best_val.k)} (test MSE {best_val.test_mse:.2f}); best k on test: "
-        f"{int(best_test.k)} ({best_test.test_mse:.2f}); paper: k = {PAPER_KNN[0]}, {PAPER_KNN[1]:.2f} "
-        "(no intercept)"
-    )
-    ridge = ridge_baseline(args.data_dir, lags=args.lags)
-    best = ridge.loc[ridge["val_mse"].idxmin()]
-    print(
-        f"per-city ridge regression on the other cities ({args.lags} lag day(s)), penalty chosen on "
-        f"validation: {best.penalty:g}, test MSE {best.test_mse:.2f}"
-    )
+    _print_baselines(knn, ridge, args.lags, paper)
     return 0
 
 
