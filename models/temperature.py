@@ -24,15 +24,14 @@ missing is no unit without lags, and a unit of context rows only with lags.
 **Protocol (SPEC section 2, the paper's).** ``drop_states_with_missing=True`` (the script's
 ``--paper-protocol``) drops the states with any missing reading among the days read (Arizona,
 Connecticut, South Dakota), leaving 44 cities; :data:`EXPERIMENTS` and ``benchmarks/reproduce.py``
-use it. It is the default for the paper's run only (the October file, ``path`` not given,
-``month=10``; the script without ``--data`` and ``--month``); with another file or month missing
-readings are left out unless it is asked for. One unit per October day (31 days x 13 years = 403
-units of 44 observations). The key of an observation is the city's (latitude, longitude), two
-numeric key columns embedded by an MLP (``key_embedding="mlp"``); there is no position embedding
-(``position=False``). The value is the temperature, Gaussian. Bidirectional only: each city's
-temperature is predicted from all other cities on the same day, a pseudo-likelihood (a dependency
-network), not a joint density. Split by year: train 2007-2012 (186 days), validation 2013-2016
-(124 days, early stopping), test 2017-2019 (93 days). Metric: test MSE in F^2 per city-day.
+use it (``PAPER_RUN``); by default missing readings are left out instead (47 cities in October). One
+unit per October day (31 days x 13 years = 403 units of 44 observations). The key of an observation
+is the city's (latitude, longitude), two numeric key columns embedded by an MLP
+(``key_embedding="mlp"``); there is no position embedding (``position=False``). The value is the
+temperature, Gaussian. Bidirectional only: each city's temperature is predicted from all other
+cities on the same day, a pseudo-likelihood (a dependency network), not a joint density. Split by
+year: train 2007-2012 (186 days), validation 2013-2016 (124 days, early stopping), test 2017-2019
+(93 days). Metric: test MSE in F^2 per city-day.
 
 **Lags** (``lags=1`` or ``2``): the previous 1 (2) days' temperatures of all 44 cities are added to
 each day as context-only rows (``context=`` column of ``EFAData.from_pandas``; they feed the
@@ -98,8 +97,8 @@ paper number here.
 
 Run ``python models/temperature.py`` (``--lags 1``, ``--layers 4``); ``--smoke`` for a
 seconds-long check of the pipeline; ``--data FILE --month M`` for another table or month (the
-paper's numbers are then not shown; ``--paper-protocol`` drops the states with missing readings
-there too, ``--no-paper-protocol`` leaves missing readings out on the October file).
+paper's numbers are shown only for the paper's run: the October file with ``--paper-protocol``,
+which drops the states with missing readings).
 """
 
 from __future__ import annotations
@@ -151,13 +150,6 @@ FIT_EFE = {"lr": 3e-3, "batch_size": 8, "patience": 10}
 
 # ------------------------------------------------------------------------------------------------
 # reading the Kaggle table
-def _paper_protocol(path: str | Path | None, month: int, drop_states_with_missing: bool | None) -> bool:
-    # the default: the paper's protocol for the paper's run (its October file, October) only
-    if drop_states_with_missing is None:
-        return path is None and month == PAPER_MONTH
-    return bool(drop_states_with_missing)
-
-
 def _read_days(file: Path, month: int) -> pd.DataFrame:
     """The rows of the days of ``month`` and of the :data:`MAX_LAGS` days before its first day,
     with a ``date`` column; missing readings (-99, empty) as NaN."""
@@ -233,7 +225,7 @@ def read_temperatures(
     path: str | Path | None = None,
     month: int = PAPER_MONTH,
     coordinates: str | Path | None = None,
-    drop_states_with_missing: bool | None = None,
+    drop_states_with_missing: bool = False,
 ) -> pd.DataFrame:
     """The readings of every city on the days of ``month`` and the two days before its first day
     (September 29 - October 31 for the paper's file), of the years 2007-2019 (the others are not
@@ -246,8 +238,8 @@ def read_temperatures(
     :param coordinates: a table with columns State, City, Latitude, Longitude (default:
         ``temperature/all_cities_lat_lon.csv`` under ``data_dir``).
     :param drop_states_with_missing: the paper's protocol: drop the states with any missing
-        reading in these days. Default: True for the paper's file and October (``path`` not
-        given, ``month=10``), else False (missing readings stay, as NaN).
+        reading in these days (default False: missing readings stay, as NaN, and the data
+        builders leave them out of their day).
     :returns: columns city ("City, State"), latitude, longitude, date, temperature (F, NaN when
         missing).
     :raises ValueError: for a file not in the Kaggle format, a month without days, a city without
@@ -256,7 +248,7 @@ def read_temperatures(
     folder = Path(data_dir)
     file = Path(path) if path is not None else folder / PAPER_FILE
     raw = _read_days(file, month)
-    if _paper_protocol(path, month, drop_states_with_missing):
+    if drop_states_with_missing:
         raw = _drop_states_with_missing(raw, file, month)
     df = _with_coordinates(raw, Path(coordinates) if coordinates is not None else folder / COORDINATES_FILE)
     df = df.drop_duplicates(["city", "date", "temperature"])  # a row repeated as it is
@@ -274,7 +266,7 @@ def load(
     path: str | Path | None = None,
     month: int = PAPER_MONTH,
     coordinates: str | Path | None = None,
-    drop_states_with_missing: bool | None = None,
+    drop_states_with_missing: bool = False,
 ) -> Splits:
     """Train (2007-2012), validation (2013-2016) and test (2017-2019) days of ``month``.
 
@@ -381,7 +373,7 @@ def knn_baseline(
     path: str | Path | None = None,
     month: int = PAPER_MONTH,
     coordinates: str | Path | None = None,
-    drop_states_with_missing: bool | None = None,
+    drop_states_with_missing: bool = False,
 ) -> pd.DataFrame:
     """The k-nearest-city baseline with a per-city intercept and slope.
 
@@ -449,7 +441,7 @@ def ridge_baseline(
     path: str | Path | None = None,
     month: int = PAPER_MONTH,
     coordinates: str | Path | None = None,
-    drop_states_with_missing: bool | None = None,
+    drop_states_with_missing: bool = False,
 ) -> pd.DataFrame:
     """A per-city ridge regression on every other city of the same day (and every city of the
     previous ``lags`` days), a strong linear reference that SPEC does not ask for.
@@ -533,21 +525,19 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--paper-protocol",
-        action=argparse.BooleanOptionalAction,
-        help="drop the states with any missing reading (the paper's 44 cities); default: on without "
-        "--data and --month (the paper's run), else off: missing readings are left out of their day",
+        action="store_true",
+        help="the paper's protocol: drop the states with any missing reading (44 cities in "
+        "October); default: missing readings are left out of their day",
     )
 
 
 def _data_options(args: argparse.Namespace) -> dict[str, Any]:
     """The data options of the command line, as keyword arguments of :func:`load`."""
-    paper_run = args.data is None and args.month is None
-    protocol = paper_run if args.paper_protocol is None else args.paper_protocol
     return {
         "path": args.data,
         "month": PAPER_MONTH if args.month is None else args.month,
         "coordinates": args.coordinates,
-        "drop_states_with_missing": protocol,
+        "drop_states_with_missing": args.paper_protocol,
     }
 
 

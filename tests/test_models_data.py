@@ -104,7 +104,7 @@ def test_instacart_counts(data_dir):
 
 @pytest.mark.parametrize("lags", [0, 1, 2])
 def test_temperature_counts(data_dir, lags):
-    train, val, test = _load("temperature", "load", data_dir, lags=lags)
+    train, val, test = _load("temperature", "load", data_dir, lags=lags, drop_states_with_missing=True)
     _check_split((train, val, test), 31 * 13)  # one unit per October day of 2007-2019
     assert (len(train), len(val), len(test)) == (31 * 6, 31 * 4, 31 * 3)
     years = [{label // 10_000 for label in d.unit_labels} for d in (train, val, test)]
@@ -117,14 +117,15 @@ def test_temperature_counts(data_dir, lags):
         lag_of_row = key_lags[d.key_index]
         assert not (d.target & (lag_of_row > 0)).any(), "a context row is a target"
         assert torch.equal(d.mask & ~d.target, d.mask & (lag_of_row > 0))
-    cities = _module("temperature").read_temperatures(data_dir)["city"].nunique()
+    df = _module("temperature").read_temperatures(data_dir, drop_states_with_missing=True)
+    cities = df["city"].nunique()
     assert cities == 44
 
 
 def test_temperature_lag_rows(data_dir):
     # the lag-1 row of a city on October 1 is that city's September 30 temperature
-    df = _module("temperature").read_temperatures(data_dir)
-    train, _, _ = _load("temperature", "load", data_dir, lags=1)
+    df = _module("temperature").read_temperatures(data_dir, drop_states_with_missing=True)
+    train, _, _ = _load("temperature", "load", data_dir, lags=1, drop_states_with_missing=True)
     u = train.unit_labels.index(20_071_001)
     lat, lon = float(df["latitude"].iloc[0]), float(df["longitude"].iloc[0])
     row = df[(df["latitude"] == lat) & (df["longitude"] == lon)].set_index("date")["temperature"]
@@ -135,7 +136,7 @@ def test_temperature_lag_rows(data_dir):
 
 
 def test_knn_baseline(data_dir):
-    table = _module("temperature").knn_baseline(data_dir, ks=[1, 5, 40])
+    table = _module("temperature").knn_baseline(data_dir, ks=[1, 5, 40], drop_states_with_missing=True)
     assert list(table["k"]) == [1, 5, 40]
     mse = dict(zip(table["k"], table["test_mse"], strict=True))
     assert 0 < mse[5] < mse[40]  # the nearest cities carry the information
@@ -143,9 +144,9 @@ def test_knn_baseline(data_dir):
 
 def test_ridge_baseline(data_dir):
     temperature = _module("temperature")
-    tiny = temperature.ridge_baseline(data_dir, lags=0, penalties=[1e-6])
+    tiny = temperature.ridge_baseline(data_dir, lags=0, penalties=[1e-6], drop_states_with_missing=True)
     # a vanishing penalty is ordinary least squares with an intercept: check one city directly
-    df = temperature.read_temperatures(data_dir)
+    df = temperature.read_temperatures(data_dir, drop_states_with_missing=True)
     wide = df.pivot(index="date", columns="city", values="temperature")
     october = wide[wide.index.month == 10]
     train = np.isin(october.index.year, list(temperature.TRAIN_YEARS))
@@ -158,7 +159,10 @@ def test_ridge_baseline(data_dir):
         sq[:, c] = (x @ coef - y) ** 2
     assert tiny["test_mse"].iloc[0] == pytest.approx(sq[test].mean(), rel=1e-4)
     # the previous day helps on the validation days at the best penalty
-    best = {lags: temperature.ridge_baseline(data_dir, lags=lags)["val_mse"].min() for lags in (0, 1)}
+    best = {
+        lags: temperature.ridge_baseline(data_dir, lags=lags, drop_states_with_missing=True)["val_mse"].min()
+        for lags in (0, 1)
+    }
     assert best[1] < best[0]
 
 

@@ -186,10 +186,10 @@ def test_cli_other_file_and_month(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # the real October file
-def test_october_paper_protocol_is_the_default_of_the_paper_run(data_dir):
+def test_october_paper_protocol_is_what_the_experiments_read(data_dir):
     october = data_dir / "temperature" / "city_temperature_us_october.csv"
     for lags in (0, 1):
-        default = temperature.load(data_dir, lags=lags)  # what EXPERIMENTS and reproduce.py read
+        default = temperature.load(data_dir, lags=lags, **temperature.PAPER_RUN)  # what reproduce.py reads
         explicit = temperature.EXPERIMENTS[lags].load(data_dir)
         chosen = temperature.load(data_dir, lags=lags, path=october, drop_states_with_missing=True)
         for a, b, c in zip(default, explicit, chosen, strict=True):
@@ -202,7 +202,7 @@ def test_october_paper_protocol_is_the_default_of_the_paper_run(data_dir):
 
 def test_october_missing_readings_left_out(data_dir):
     october = data_dir / "temperature" / "city_temperature_us_october.csv"
-    train, val, test = temperature.load(data_dir, path=october)  # a path given: readings left out
+    train, val, test = temperature.load(data_dir)  # the default: missing readings left out
     assert len(train.keys) == 47
     assert sum(train.missing.values()) == 11  # Phoenix 5, Bridgeport 4, Rapid City 2
     assert sum(d.num_observations for d in (train, val, test)) == 47 * 403 - 11
