@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pyro
+import torch
 
-from pyro_efa import EFA, EFAConfig, EFAData, FitOptions, evaluate, fit
+from pyro_efa import EFA, FAMILIES, EFAConfig, EFAData, FitOptions, evaluate, fit
+from pyro_efa.families import resolve_per_key
 
 __all__ = ["DATA_DIR", "Experiment", "Splits", "data_dir", "parser", "run_cli", "smoke_splits"]
 
@@ -87,12 +89,16 @@ class Experiment:
 
     def config(self, model: str, direction: str, **overrides: Any) -> EFAConfig:
         """The recommended configuration of ``model`` (``"efa"`` or ``"efe"``) and ``direction``,
-        with ``overrides`` (fields of :class:`~pyro_efa.EFAConfig`) on top."""
+        with ``overrides`` (fields of :class:`~pyro_efa.EFAConfig`) on top. Families with a
+        nuisance parameter share it across keys (``per_key=False`` unless ``family_options``
+        says otherwise), as the paper's models do, rather than the library's ``"auto"``."""
         _check(model, direction, self.directions)
         if model == "efa":
-            return EFAConfig(direction=direction, **{**self.efa[direction], **overrides})
-        base = EFAConfig.efe(self.kind, direction=direction)
-        return base.replace(**{**self.efe.get(direction, {}), **overrides})
+            config = EFAConfig(direction=direction, **{**self.efa[direction], **overrides})
+        else:
+            base = EFAConfig.efe(self.kind, direction=direction)
+            config = base.replace(**{**self.efe.get(direction, {}), **overrides})
+        return _shared_nuisance(config) if self.kind == "valued" else config  # items: categorical only
 
     def model(self, model: str, direction: str, splits: Splits, **overrides: Any) -> EFA:
         """The recommended model, sized for the training units ``splits[0]``."""
@@ -113,6 +119,25 @@ def _check(model: str, direction: str, directions: Sequence[str]) -> None:
         raise ValueError(f"model must be 'efa' or 'efe', got {model!r}")
     if direction not in directions:
         raise ValueError(f"this experiment runs direction(s) {list(directions)}, got {direction!r}")
+
+
+def _shared_nuisance(config: EFAConfig) -> EFAConfig:
+    """``config`` with ``per_key=False`` for each of its families whose ``per_key`` would be
+    ``"auto"`` (not given, and ``"auto"`` by default): the paper's experiments keep one nuisance
+    parameter (Gaussian scale, ...) shared by all keys, as every family did before ``"auto"``,
+    so that their reproduced numbers do not move. Pinned here, for every experiment."""
+    family = config.family
+    if family is None or isinstance(family, str):
+        names = [family or "gaussian"]
+    else:
+        names = list(family.values()) if isinstance(family, Mapping) else list(family)
+    options = {k: dict(v) for k, v in config.family_options.items()}
+    for name in dict.fromkeys(names):
+        given = options.get(name, {}).get("per_key")
+        # not None exactly when the effective value is "auto" (no counts: it would resolve to False)
+        if name in FAMILIES and resolve_per_key(FAMILIES[name], given, torch.zeros(0)) is not None:
+            options.setdefault(name, {})["per_key"] = False
+    return config if options == config.family_options else config.replace(family_options=options)
 
 
 # ------------------------------------------------------------------------------------------------

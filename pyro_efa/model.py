@@ -38,7 +38,7 @@ from .attention import EFAEncoder, context_mask
 from .config import EFAConfig
 from .data import EFAData, format_value
 from .errors import InputError
-from .families import FAMILIES, get_family
+from .families import FAMILIES, get_family, resolve_per_key
 
 __all__ = ["EFA", "find_efa"]
 
@@ -655,7 +655,9 @@ def _data_family_options(
     data: EFAData, names: tuple[str, ...], given: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     """``given`` completed by what each family reads off the values of its keys (a value given
-    by the user wins). Keys with class labels must have a family of class labels."""
+    by the user wins), and ``per_key="auto"`` (given, or a family's default) resolved from the
+    number of training observations of each of its keys (:func:`~pyro_efa.families.resolve_per_key`).
+    Keys with class labels must have a family of class labels."""
     for label in data.classes:
         family = FAMILIES[names[data.keys.labels.index(label)]]
         if not family.predicts_class:
@@ -667,12 +669,17 @@ def _data_family_options(
     out = {k: dict(v) for k, v in given.items()}
     in_family = torch.tensor([[n == f for n in names] for f in dict.fromkeys(names)], dtype=torch.bool)
     sizes = [len(data.classes[k]) if k in data.classes else None for k in data.keys.labels]
+    observed = data.key_index[data.target & data.mask].cpu()
+    counts = torch.bincount(observed, minlength=len(data.keys))[: len(data.keys)]  # per key
     for f, name in enumerate(dict.fromkeys(names)):
         x = data.values[data.target & data.mask & in_family[f][data.key_index]]
         mine = [c if n == name else None for c, n in zip(sizes, names, strict=True)]
         found = FAMILIES[name].options_from_data(x, mine)
         if found:
             out[name] = {**found, **out.get(name, {})}
+        per_key = resolve_per_key(FAMILIES[name], out.get(name, {}).get("per_key"), counts[in_family[f]])
+        if per_key is not None:
+            out.setdefault(name, {})["per_key"] = per_key
     return out
 
 

@@ -8,6 +8,7 @@ from pyro.nn import PyroParam
 from torch.distributions import constraints
 
 from .base import Family, register_family
+from .per_key import per_key_flag
 
 __all__ = ["GammaFamily"]
 
@@ -30,15 +31,16 @@ class GammaFamily(Family):
     so the mean is :math:`\mu` and the variance :math:`\mu^2 / k`. It is
     ``Gamma(concentration=k, rate=k * exp(-eta))`` with ``eta`` clamped to ``[-30, 30]``.
     ``concentration`` is a learned positive :class:`~pyro.nn.PyroParam` initialised to 2, one
-    per key when ``per_key``. Masked positions are filled with 1.
+    per key when ``per_key`` (default ``"auto"``: per key when every key has at least 20 training
+    observations; see :func:`~pyro_efa.families.resolve_per_key`). Masked positions are filled with 1.
     """
 
     support = constraints.positive
     is_discrete = False
     fill_value = 1.0
 
-    def __init__(self, num_keys: int = 1, per_key: bool = False) -> None:
-        super().__init__(num_keys, per_key)
+    def __init__(self, num_keys: int = 1, per_key: bool | str = "auto") -> None:
+        super().__init__(num_keys, per_key_flag(per_key))
         shape = (self.num_keys,) if self.per_key else ()
         self.concentration = PyroParam(torch.full(shape, 2.0), constraint=constraints.positive)
 

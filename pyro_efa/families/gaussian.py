@@ -9,6 +9,7 @@ from torch.distributions import constraints
 
 from ..errors import InputError
 from .base import Family, register_family
+from .per_key import per_key_flag
 
 __all__ = ["GaussianFamily"]
 
@@ -23,10 +24,15 @@ class GaussianFamily(Family):
             \exp\Big(-\frac{(x - \eta)^2}{2\,\mathrm{scale}^2}\Big).
 
     With a fixed ``scale`` it is a buffer; otherwise ``scale`` is a learned positive
-    :class:`~pyro.nn.PyroParam` initialised to 1, one per key when ``per_key``.
+    :class:`~pyro.nn.PyroParam` initialised to 1 (then to the residual standard deviation by
+    :meth:`init_nuisance`), one per key when ``per_key``.
 
     :param int num_keys: number of keys.
-    :param bool per_key: learn one ``scale`` per key (ignored when ``scale`` is fixed).
+    :param per_key: ``True``: one ``scale`` per key; ``False``: one shared by every key;
+        ``"auto"`` (default): per key when every key has at least 20 training observations,
+        resolved by :meth:`EFA.from_data <pyro_efa.EFA.from_data>` (see
+        :func:`~pyro_efa.families.resolve_per_key`). Ignored when ``scale`` is fixed.
+    :type per_key: bool or str
     :param scale: a fixed positive standard deviation, or ``None`` to learn it.
     :type scale: float or None
     """
@@ -35,8 +41,8 @@ class GaussianFamily(Family):
     is_discrete = False
     standardize = True
 
-    def __init__(self, num_keys: int = 1, per_key: bool = False, scale: float | None = None) -> None:
-        super().__init__(num_keys, per_key)
+    def __init__(self, num_keys: int = 1, per_key: bool | str = "auto", scale: float | None = None) -> None:
+        super().__init__(num_keys, per_key_flag(per_key))
         self.fixed_scale = scale is not None
         if scale is not None:
             if not float(scale) > 0:

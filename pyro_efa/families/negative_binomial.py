@@ -8,6 +8,7 @@ from pyro.nn import PyroParam
 from torch.distributions import constraints
 
 from .base import Family, register_family
+from .per_key import per_key_flag
 
 __all__ = ["NegativeBinomialFamily"]
 
@@ -30,15 +31,17 @@ class NegativeBinomialFamily(Family):
     so the mean is :math:`\mu` and the variance :math:`\mu + \mu^2 / r`. It is
     ``NegativeBinomial(total_count=r, logits=eta - log r)``; ``eta`` is clamped to at most 30.
     ``concentration`` is a learned positive :class:`~pyro.nn.PyroParam` initialised to 10,
-    one per key when ``per_key``. :meth:`log_base_measure` is :math:`-\log x!`, the part of the
-    density free of both ``eta`` and ``concentration`` (the same as the Poisson's).
+    one per key when ``per_key`` (default ``"auto"``: per key when every key has at least 20
+    training observations; see :func:`~pyro_efa.families.resolve_per_key`). :meth:`log_base_measure` is
+    :math:`-\log x!`, the part of the density free of both ``eta`` and ``concentration`` (the same
+    as the Poisson's).
     """
 
     support = constraints.nonnegative_integer
     is_discrete = True
 
-    def __init__(self, num_keys: int = 1, per_key: bool = False) -> None:
-        super().__init__(num_keys, per_key)
+    def __init__(self, num_keys: int = 1, per_key: bool | str = "auto") -> None:
+        super().__init__(num_keys, per_key_flag(per_key))
         shape = (self.num_keys,) if self.per_key else ()
         self.concentration = PyroParam(torch.full(shape, 10.0), constraint=constraints.positive)
 

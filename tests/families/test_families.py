@@ -17,6 +17,7 @@ from pyro_efa.families import (
     GammaFamily,
     GaussianFamily,
     NegativeBinomialFamily,
+    TweedieFamily,
     get_family,
 )
 
@@ -51,6 +52,9 @@ def valid_values(family, shape):
         return torch.randn(shape, dtype=F64) * 3
     if isinstance(family, GammaFamily):
         return torch.rand(shape, dtype=F64) * 5 + 0.05
+    if isinstance(family, TweedieFamily):  # exact zeros and positive reals
+        x = torch.rand(shape, dtype=F64) * 5
+        return torch.where(torch.rand(shape, dtype=F64) < 0.3, torch.zeros_like(x), x)
     if isinstance(family, CategoricalFamily):
         high = family.num_categories
     elif isinstance(family, BinomialFamily):
@@ -219,6 +223,7 @@ def test_mean_closed_form(name):
         "poisson": lambda: e.exp(),
         "negative_binomial": lambda: e.exp(),
         "gamma": lambda: e.exp(),
+        "tweedie": lambda: e.exp(),
         "bernoulli": lambda: torch.sigmoid(e),
         "binomial": lambda: family.total_count * torch.sigmoid(e),
         "categorical": lambda: eta.exp() / eta.exp().sum(-1, keepdim=True),
@@ -281,6 +286,7 @@ INVALID_CASES = {
     "gaussian": ([-1e6, 0.0, 3.3], []),
     "negative_binomial": ([0.0, 1.0, 1e6], [-1.0, 1.5, 2.01]),
     "poisson": ([0.0, 1.0, 1e6], [-1.0, 1.5, 0.01]),
+    "tweedie": ([0.0, 1e-6, 2.5, 1e6], [-1.0, -1e-6]),
 }
 
 
@@ -298,6 +304,7 @@ def test_describe_support_phrases():
     assert CategoricalFamily(num_categories=3).describe_support() == "integers 0..2"
     assert BinomialFamily(total_count=4).describe_support() == "integers 0..4"
     assert get_family("gamma").describe_support() == "positive reals"
+    assert get_family("tweedie").describe_support() == "non-negative reals"
 
 
 def test_constructor_errors():
@@ -311,10 +318,10 @@ def test_constructor_errors():
 
 
 def test_large_eta_stays_finite():
-    # Poisson and Gamma clamp eta on both sides; the negative binomial only above (its log_prob
+    # Poisson, Gamma and Tweedie clamp eta on both sides; the negative binomial only above (its log_prob
     # works on the logits, so a very negative eta is harmless).
     eta = torch.tensor([[1e3], [-1e3]], dtype=F64, requires_grad=True)
-    for name in ["poisson", "negative_binomial", "gamma"]:
+    for name in ["poisson", "negative_binomial", "gamma", "tweedie"]:
         family = make(name)
         x = torch.tensor([3.0, 3.0], dtype=F64)
         lp = log_prob(family, eta, x, keys((2,)))
@@ -327,6 +334,7 @@ def test_default_parameters():
     assert get_family("gaussian").scale.item() == pytest.approx(1.0)
     assert get_family("negative_binomial").concentration.item() == pytest.approx(10.0)
     assert get_family("gamma").concentration.item() == pytest.approx(2.0)
+    assert get_family("tweedie").dispersion.item() == pytest.approx(1.0)
     fixed = GaussianFamily(scale=0.5)
     assert "scale" in dict(fixed.named_buffers())
     assert not list(fixed.parameters())
@@ -339,6 +347,7 @@ PER_KEY = {
     "gaussian": ("scale", lambda d: d.scale),
     "negative_binomial": ("concentration", lambda d: d.total_count),
     "gamma": ("concentration", lambda d: d.concentration),
+    "tweedie": ("dispersion", lambda d: d.phi),
 }
 
 
@@ -380,6 +389,7 @@ def test_public_names():
         "gaussian",
         "negative_binomial",
         "poisson",
+        "tweedie",
     }
     for name in families.__all__:
         assert hasattr(families, name)
