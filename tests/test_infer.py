@@ -191,7 +191,10 @@ def test_composition_random_intercept() -> None:
         }
     )
     data = EFAData.from_pandas(df, unit="user", key="key", value="x", order="key")
-    efa = EFA.from_data(data, family="gaussian", name="efa", **SMALL)
+    # one shared scale: the test is about the random intercept, not the per-key scales
+    efa = EFA.from_data(
+        data, family="gaussian", family_options={"gaussian": {"per_key": False}}, name="efa", **SMALL
+    )
     model = RandomIntercept(efa)
     f = fit(model, data, guide="normal", num_epochs=40, batch_size=50, lr=0.03, progress=False)
     assert {"efa.alpha", "efa.rho", "u"} <= set(f.median(data))
