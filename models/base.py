@@ -126,13 +126,8 @@ def _shared_nuisance(config: EFAConfig) -> EFAConfig:
     ``"auto"`` (not given, and ``"auto"`` by default): the paper's experiments keep one nuisance
     parameter (Gaussian scale, ...) shared by all keys, as every family did before ``"auto"``,
     so that their reproduced numbers do not move. Pinned here, for every experiment."""
-    family = config.family
-    if family is None or isinstance(family, str):
-        names = [family or "gaussian"]
-    else:
-        names = list(family.values()) if isinstance(family, Mapping) else list(family)
     options = {k: dict(v) for k, v in config.family_options.items()}
-    for name in dict.fromkeys(names):
+    for name in config.families_used:
         given = options.get(name, {}).get("per_key")
         # not None exactly when the effective value is "auto" (no counts: it would resolve to False)
         if name in FAMILIES and resolve_per_key(FAMILIES[name], given, torch.zeros(0)) is not None:

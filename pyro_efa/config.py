@@ -247,6 +247,14 @@ class EFAConfig(_Options):
         assert isinstance(self.family, tuple), "complete configurations hold one family name per key"
         return self.family
 
+    @property
+    def families_used(self) -> tuple[str, ...]:
+        """The family names ``family`` gives, each once, in order (``"gaussian"`` for ``None``)."""
+        family = self.family
+        if family is None or isinstance(family, str):
+            return (family or "gaussian",)
+        return tuple(dict.fromkeys(family.values() if isinstance(family, Mapping) else family))
+
     # -- checks ----------------------------------------------------------------------------------
     def _normalise(self) -> None:
         # immutable, JSON-friendly forms (lists from JSON or users become tuples)
@@ -294,13 +302,8 @@ class EFAConfig(_Options):
             raise InputError(f"name must be a string, got {self.name!r}")
 
     def _check_families(self) -> None:
-        family = self.family
-        if family is None or isinstance(family, str):
-            names = [family or "gaussian"]
-        else:
-            names = list(family.values()) if isinstance(family, Mapping) else list(family)
         known = ", ".join(sorted(FAMILIES))
-        for name in [*names, *self.family_options]:
+        for name in [*self.families_used, *self.family_options]:
             if name not in FAMILIES:
                 raise InputError(f"unknown family {name!r}; known families: {known}")
         for name, options in self.family_options.items():
