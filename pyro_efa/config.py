@@ -38,7 +38,7 @@ __all__ = ["EFAConfig", "FitOptions"]
 KINDS = ("valued", "items")
 DIRECTIONS = ("uni", "bi")
 KEY_EMBEDDINGS = ("auto", "lookup", "mlp")
-VALUE_EMBEDDINGS = ("mlp", "linear", "key_linear", "lookup")
+VALUE_EMBEDDINGS = ("mlp", "linear", "key_linear", "key_linear_std", "lookup")
 CONTEXT_STREAMS = ("shared", "fixed")
 ATTENTIONS = ("softmax", "uniform")
 POOLS = ("mean", "sum")
@@ -138,10 +138,14 @@ class EFAConfig(_Options):
     **Embeddings.** ``key_embedding``: ``"lookup"`` (a latent table ``alpha``), ``"mlp"`` (of
     numeric ``key_features``, e.g. coordinates) or ``"auto"`` (``mlp`` for keys of several numeric
     columns, else ``lookup``). ``value_embedding`` ``g``: ``"mlp"``, ``"linear"`` (``x * w``),
-    ``"key_linear"`` (``x * alpha[k]``, the EFE token) or ``"lookup"`` (a table over the integer
-    values ``0 .. num_value_levels - 1``). ``mlp`` and ``linear`` read ``(x - value_center[k]) /
-    value_scale[k]``. ``standardize``: Gaussian-like keys (families with ``standardize = True``)
-    predict ``value_center[k] + value_scale[k] * eta``, so that the network works with numbers of
+    ``"key_linear"`` (``x * alpha[k]``, the EFE token), ``"key_linear_std"`` (the EFE token on the
+    standardised value, ``(x - value_center[k]) / value_scale[k] * alpha[k]``: with an intercept
+    and every key in every context the same model class as ``key_linear``, the constant going into
+    ``b``, but well conditioned for values far from 0 such as temperatures in F) or ``"lookup"`` (a
+    table over the integer values ``0 .. num_value_levels - 1``). ``mlp``, ``linear`` and
+    ``key_linear_std`` read ``(x - value_center[k]) / value_scale[k]``. ``standardize``:
+    Gaussian-like keys (families with ``standardize = True``) predict ``value_center[k] +
+    value_scale[k] * eta``, so that the network works with numbers of
     order one whatever the data's units.
 
     **Priors.** ``alpha``, ``rho ~ Normal(0, prior_scale)``.

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyro
@@ -40,7 +40,7 @@ from .data import EFAData, format_value
 from .errors import InputError
 from .families import FAMILIES, get_family, resolve_per_key
 
-__all__ = ["EFA", "find_efa"]
+__all__ = ["EFA", "data_check", "find_efa"]
 
 
 def _small_uniform_(t: torch.Tensor, radius: float = 0.05) -> None:
@@ -410,12 +410,14 @@ class EFA(PyroModule):
                 else self.key_mlp(self.key_features)[data.key_index]
             )
             x = data.values.unsqueeze(-1)
+            k = data.key_index.unsqueeze(-1)
             if self.value_embedding == "key_linear":
                 content = x * key
+            elif self.value_embedding == "key_linear_std":
+                content = (x - self.value_center[k]) / self.value_scale[k] * key
             elif self.value_embedding == "lookup":
                 content = key + self.value_table[data.values.long()]
             else:
-                k = data.key_index.unsqueeze(-1)
                 content = key + self.value_net((x - self.value_center[k]) / self.value_scale[k])
         query = key + self.mask_vector
         if self.config.position:
@@ -606,6 +608,14 @@ def find_efa(model: torch.nn.Module) -> EFA:
         if isinstance(module, EFA):
             return module
     raise TypeError(f"{type(model).__name__} holds no EFA module")
+
+
+def data_check(model: torch.nn.Module) -> Callable[[EFAData], None]:
+    """The check every fitting and scoring function runs on data before using ``model``: the
+    model's own ``validate(data)`` when it defines one (a composed model with needs of its own
+    calls :meth:`EFA.validate` from it), else that of the :class:`EFA` inside it."""
+    own = getattr(model, "validate", None)
+    return own if callable(own) else find_efa(model).validate
 
 
 def reset_parameters(model: torch.nn.Module, skip: torch.nn.Module | None = None) -> None:

@@ -16,6 +16,7 @@ SMOKE = {
     "speed.py": [],
     "reproduce.py": [],
     "big_tables.py": [],
+    "efe_temperature.py": [],
 }
 
 

@@ -99,6 +99,31 @@ def test_efe_equals_closed_form(f64, kind, direction, lengths):
     assert empty >= 1
 
 
+@pytest.mark.parametrize("standardize", [False, True])
+def test_efe_token_on_standardised_values_equals_closed_form(f64, standardize):
+    """``value_embedding="key_linear_std"``: the EFE token reads ``(x - value_center[k]) /
+    value_scale[k]``; with ``standardize`` the output is ``value_center[k] + value_scale[k] * eta``."""
+    data = make_data("gaussian", (1, 3, 6))
+    model = EFA.efe(data, direction="bi", dim=4, value_embedding="key_linear_std", standardize=standardize)
+    with torch.no_grad():
+        model.intercept.normal_()
+    eta, vals = trace_values(model, model.natural_params, data)
+    alpha, rho, b = vals["alpha"], vals["rho"], model.intercept
+    center, scale = model.value_center, model.value_scale
+    assert not torch.allclose(center, torch.zeros_like(center))  # the test reads the moments
+    for u, n in enumerate(data.lengths.tolist()):
+        for i in range(n):
+            k = int(data.key_index[u, i])
+            ks = [int(data.key_index[u, j]) for j in range(n) if j != i]
+            xs = [data.values[u, j] for j in range(n) if j != i]
+            terms = [(x - center[kj]) / scale[kj] * alpha[kj] for x, kj in zip(xs, ks, strict=True)]
+            z = sum(terms, torch.zeros(4)) / max(len(ks), 1)
+            expected = rho[k] @ z + b[k]
+            if standardize:
+                expected = center[k] + scale[k] * expected
+            torch.testing.assert_close(eta[u, i, 0], expected, rtol=1e-10, atol=1e-10)
+
+
 def test_efe_is_a_configuration_of_efa():
     data = make_data("gaussian")
     model = EFA.efe(data)
