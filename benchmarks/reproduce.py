@@ -39,10 +39,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyro_efa import models
 from pyro_efa.models import synthetic, temperature
+from pyro_efa.models.base import changed_options, describe
+from pyro_efa.models.composed import EFAPlusLinear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_DIR = models.DATA_DIR
@@ -73,29 +75,52 @@ TARGETS = {
     ("temperature", "bi"): (11.22, True), ("temperature_lag1", "bi"): (9.25, True),
 }  # fmt: skip
 
-# variants of the bidirectional EFA rows: (EFA overrides, fit overrides, number of seeds or None
-# for all), the recommended configuration of models/*.py first. "shared" is the paper's
-# architecture (per-target encoding, n times the cost of one pass); "fixed" is exact in one pass
-# but a different architecture. Instacart runs only the fixed stream (the paper's per-target
-# encoding needs hours per fit here); the lag-1 experiment trains the paper's architecture on a
-# quarter of the targets per step (about 5 minutes per fit).
+
+class Variant(NamedTuple):
+    """A row of the table beside the recommended one: EFA / EFE options and fit options on top of
+    the experiment's, on the first ``seeds`` seeds (``None``: all); ``test_informed`` marks a
+    configuration chosen after looking at test numbers (the table says so)."""
+
+    overrides: dict[str, Any]
+    fit_overrides: dict[str, Any] = {}
+    seeds: int | None = None
+    test_informed: bool = False
+    #: the prior scale of a linear term of the other observations added to EFA's natural
+    #: parameter (``models/composed.py: EFAPlusLinear``, a composed Pyro model); None: plain EFA
+    linear_term: float | None = None
+
+
+# variants of the bidirectional EFA rows, the recommended configuration of models/*.py first.
+# "shared" is the paper's architecture (per-target encoding, n times the cost of one pass);
+# "fixed" is exact in one pass but a different architecture. On Instacart the paper's encoding
+# trains on a quarter of the targets of each basket per step (unbiased), like the lag-1 experiment.
 SHARED = {"context_stream": "shared"}
 # item sequences never repeat an item within a unit: the opt-in support constraint
 NO_REPEAT = {"exclude_context_items": True}
 FIXED = {"context_stream": "fixed"}
-BI_VARIANTS: dict[str, list[tuple[dict[str, Any], dict[str, Any], int | None]]] = {
-    "synthetic": [(SHARED, {}, None), (FIXED, {}, None)],
-    "instacart": [(FIXED, {}, None)],
-    "movielens_items": [(FIXED, {}, None), (SHARED, {}, None)],
-    "movielens_ratings": [(FIXED, {}, None), (SHARED, {}, None)],
-    "temperature": [(SHARED, {}, None), (FIXED, {}, None)],
+# EFA plus a linear term of the other cities (a composed Pyro model, its own row): the prior scale
+# of the weights chosen on validation (same day, fixed context, seed 0: 1.0 8.52, 0.3 8.09, 0.1 8.08)
+LINEAR_PRIOR = 0.1
+BI_VARIANTS: dict[str, list[Variant]] = {
+    "synthetic": [Variant(SHARED), Variant(FIXED)],
+    "instacart": [Variant(FIXED), Variant({**SHARED, "target_fraction": 0.25})],
+    "movielens_items": [Variant(FIXED), Variant(SHARED)],
+    "movielens_ratings": [Variant(FIXED), Variant(SHARED)],
+    "temperature": [Variant(SHARED), Variant(FIXED), Variant(SHARED, linear_term=LINEAR_PRIOR)],
     "temperature_lag1": [  # the paper's (recommended), then the one-pass stream with and without LN
-        ({**SHARED, "num_layers": 4, "target_fraction": 0.25}, {}, None),
-        ({**FIXED, "num_layers": 2, "layer_norm": False}, {"patience": 20}, None),
-        ({**FIXED, "num_layers": 2, "layer_norm": True}, {"patience": 20}, None),
+        Variant({**SHARED, "num_layers": 4, "target_fraction": 0.25}),
+        Variant({**FIXED, "num_layers": 2, "layer_norm": False}, {"patience": 20}, test_informed=True),
+        Variant({**FIXED, "num_layers": 2, "layer_norm": True}, {"patience": 20}),
+        Variant({**SHARED, "num_layers": 4, "target_fraction": 0.25}, linear_term=LINEAR_PRIOR),
     ],
-    "temperature_lag2": [(FIXED, {}, None)],
+    "temperature_lag2": [Variant(FIXED), Variant(FIXED, linear_term=LINEAR_PRIOR)],
 }
+# variants of the EFE rows: the recommended EFE first
+EFE_VARIANTS: dict[str, list[Variant]] = {
+    name: [Variant({}), Variant(temperature.EFE_COORDINATES)]
+    for name in ("temperature", "temperature_lag1", "temperature_lag2")
+}
+MODEL_GROUPS = ("efa", "efe", "baselines")  # what --models selects
 
 SMOKE_SIZES = (24, 8, 8)  # train, validation, test units under --smoke
 SMOKE_MODEL = {"dim": 8, "num_layers": 1, "num_heads": 1, "head_dim": 8}
@@ -113,51 +138,37 @@ def load(experiment: str, data_dir: str, smoke: bool) -> tuple[Any, Any, Any]:
     return models.smoke_splits(splits, SMOKE_SIZES) if smoke else splits
 
 
-def architecture(efa: Any) -> str:
-    """A short description of an EFA configuration for the results table."""
-    c = efa.config.to_dict()
-    no_repeat = ", no repeats (exclude_context_items)" if c.get("exclude_context_items") else ""
-    if c["attention"] == "uniform":
-        return f"EFE d={c['dim']}" + no_repeat
-    if c["direction"] == "uni":
-        stream = "causal, one pass (= paper)"
-    elif c["context_stream"] == "fixed":
-        stream = "fixed context, one pass (not the paper's)"
-    else:
-        stream = "shared context, per target (paper's)"
-        if c["target_fraction"] < 1:
-            stream += f", {c['target_fraction']:g} of targets per step"
-    extra = []
-    if c["layer_norm"]:
-        extra.append("LN")
-    if c["ff_dim"]:
-        extra.append(f"FF{c['ff_dim']}")
-    if c["dropout"]:
-        extra.append(f"drop {c['dropout']:g}")
-    if c["prior_scale"] != 1.0:
-        extra.append(f"s={c['prior_scale']:g}")
-    head = f"{c['num_layers']}Lx{c['num_heads']}H d={c['dim']}"
-    return ", ".join([head, stream, *extra]) + no_repeat
-
-
 # ----------------------------------------------------------------------------------------------
 # one fit
-def _coverage(fitted: Any, data: Any, level: float = 0.9, num_samples: int = 200, seed: int = 0) -> float:
-    """Share of held-out targets inside the central ``level`` posterior-predictive interval."""
+def family_runs(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ratings' family chosen by LOO (:func:`pyro_efa.models.movielens.family_choice`): one
+    result per family (``"efa (binomial)"``, ...; full NLL on the counting measure, its
+    posterior-predictive version, 90% coverage), and one for the choice itself (``"efa (family
+    by LOO)"``: the chosen family's numbers, the choice made on the validation units)."""
     import torch
 
-    from pyro_efa import posterior_predictive
+    from pyro_efa.models import movielens
 
-    draws = posterior_predictive(fitted, data, num_samples=num_samples, seed=seed)
-    lo = torch.quantile(draws, (1 - level) / 2, dim=0)
-    hi = torch.quantile(draws, (1 + level) / 2, dim=0)
-    m = data.target & data.mask
-    inside = (data.values >= lo) & (data.values <= hi)
-    return float(inside[m].float().mean())
+    torch.set_num_threads(1)
+    splits = load(job["experiment"], str(job.get("data_dir", DATA_DIR)), False)
+    records = movielens.family_choice(splits, job["direction"], job["seed"], smoke=job.get("smoke", False))
+    out = []
+    for r in records:
+        r = {**r, "test_samples": r["test_full_nll_samples"], "recommended": False}
+        out.append(r)
+        if r["chosen"]:
+            families = ", ".join(movielens.RATING_FAMILIES)
+            out.append({
+                **r, "model": "efa (family by LOO)", "chosen_family": r["model"][5:-1],
+                "architecture": f"the family of best validation LOO among {families}; "
+                + r["architecture"].split(", " + r["model"][5:-1])[0],
+            })  # fmt: skip
+    return out
 
 
-def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Fit one (experiment, model, direction, guide, seed) and evaluate it.
+def run_one(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+    """Fit one (experiment, model, direction, guide, seed) and evaluate it (or, for a job of
+    ``kind="family_choice"``, :func:`family_runs`).
 
     ``job`` keys: experiment, model, direction, seed, guide (``"map"``), smoke, data_dir,
     overrides (EFA options), fit_overrides (fit options), extras (``"coverage"``, ``"nll_samples"``).
@@ -165,8 +176,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import pyro
     import torch
 
-    from pyro_efa import FitOptions, evaluate, fit
+    from pyro_efa import evaluate, fit, interval_coverage
 
+    if job.get("kind") == "family_choice":
+        return family_runs(job)
     torch.set_num_threads(1)
     experiment, model, direction, seed = job["experiment"], job["model"], job["direction"], job["seed"]
     guide = job.get("guide", "map")
@@ -184,45 +197,51 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         options = options.replace(num_epochs=1)
     pyro.set_rng_seed(seed)  # network initialisation (fit draws it again from the seed)
     efa = exp.model(model, direction, splits, **overrides)
+    architecture = describe(efa)
+    if job.get("linear_term") is not None:  # EFA plus a linear term of the other observations
+        efa = EFAPlusLinear(efa, prior_scale=job["linear_term"])
+        architecture += f", + linear term of the other observations (W ~ N(0, {job['linear_term']:g}))"
     start = time.perf_counter()
     fitted = fit(efa, train, guide=guide, val_data=val, options=options, progress=False)
     seconds = time.perf_counter() - start
     metric = exp.metric
-    default = FitOptions()
     out = {
         **{k: job[k] for k in ("experiment", "model", "direction", "seed")},
         "guide": guide,
         "metric": metric,
-        "architecture": architecture(fitted.efa),
+        "architecture": architecture,
         "recommended": job.get("recommended", True),
+        "test_informed": job.get("test_informed", False),
         "val": evaluate(fitted, val)[metric],
         "test": evaluate(fitted, test)[metric],
         "epochs": len(fitted.losses),
         "best_epoch": fitted.best_epoch,
         "seconds": seconds,
-        "options": {
-            k: v
-            for k, v in options.to_dict().items()
-            if k not in ("num_epochs", "seed") and v != getattr(default, k)
-        },
+        "options": changed_options(options),
     }
     extras = job.get("extras", ())
     if "nll_samples" in extras and guide != "map":  # posterior predictive density from guide draws
         out["test_samples"] = evaluate(fitted, test, num_samples=100 if not smoke else 4)[metric]
     if "coverage" in extras:
-        out["coverage90"] = _coverage(fitted, test, num_samples=200 if not smoke else 20, seed=seed)
+        out["coverage90"] = interval_coverage(fitted, test, num_samples=200 if not smoke else 20, seed=seed)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # the plan, the table
 def plan(
-    seeds: list[int], experiments: list[str], smoke: bool, data_dir: Path, variants: str = "all"
+    seeds: list[int],
+    experiments: list[str],
+    smoke: bool,
+    data_dir: Path,
+    variants: str = "all",
+    models: tuple[str, ...] = ("efa", "efe"),
 ) -> list[dict[str, Any]]:
     """Every fit to run, slowest first (so that two workers finish close together).
 
     ``variants``: ``"default"`` (the recommended models), ``"no_repeat"`` (only the item-sequence
-    rows with ``exclude_context_items=True``, EFA and EFE), or ``"all"``.
+    rows with ``exclude_context_items=True``, EFA and EFE), or ``"all"``. ``models``: the fits of
+    which models (``"efa"``, ``"efe"``).
     """
     jobs = [] if variants == "no_repeat" else _default_jobs(seeds, experiments)
     if variants != "default":
@@ -232,13 +251,14 @@ def plan(
             for direction in EXPERIMENTS[experiment].directions:
                 for model in ("efa", "efe"):
                     bi_efa = (model, direction) == ("efa", "bi")
-                    base = dict(BI_VARIANTS[experiment][0][0]) if bi_efa else {}
+                    base = dict(BI_VARIANTS[experiment][0].overrides) if bi_efa else {}
                     for seed in seeds:
                         jobs.append({
                             "experiment": experiment, "model": model, "direction": direction, "seed": seed,
                             "overrides": {**base, **NO_REPEAT}, "fit_overrides": {}, "recommended": False,
                         })  # fmt: skip
-    cost = {"temperature_lag1": 0, "instacart": 1, "temperature": 2, "temperature_lag2": 3, "synthetic": 4}
+    jobs = [j for j in jobs if j["model"] in models]
+    cost = {"instacart": 0, "temperature_lag1": 1, "temperature": 2, "temperature_lag2": 3, "synthetic": 4}
     jobs.sort(key=lambda j: (cost.get(j["experiment"], 9), j["model"] != "efa", j.get("recommended", 1)))
     for job in jobs:
         job.update(smoke=smoke, data_dir=str(data_dir))
@@ -250,13 +270,18 @@ def _default_jobs(seeds: list[int], experiments: list[str]) -> list[dict[str, An
     for experiment in experiments:
         for direction in EXPERIMENTS[experiment].directions:
             for model in ("efa", "efe"):
-                bi_efa = (model, direction) == ("efa", "bi")
-                variants = BI_VARIANTS[experiment] if bi_efa else [(None, {}, None)]
-                for i, (overrides, fit_overrides, num_seeds) in enumerate(variants):
-                    for seed in seeds[:num_seeds]:
+                if model == "efa":
+                    variants = BI_VARIANTS[experiment] if direction == "bi" else None
+                else:
+                    variants = EFE_VARIANTS.get(experiment)
+                for i, v in enumerate(variants or [Variant({})]):
+                    for seed in seeds[: v.seeds]:
                         job = {"experiment": experiment, "model": model, "direction": direction, "seed": seed}
-                        if overrides is not None:
-                            job.update(overrides=overrides, fit_overrides=fit_overrides, recommended=i == 0)
+                        if variants is not None:
+                            job.update(
+                                overrides=v.overrides, fit_overrides=v.fit_overrides, recommended=i == 0,
+                                test_informed=v.test_informed, linear_term=v.linear_term,
+                            )  # fmt: skip
                         jobs.append(job)
     # MAP vs AutoNormal on MovieLens ratings, and the coverage of the 90% predictive interval
     if "movielens_ratings" in experiments:
@@ -273,6 +298,11 @@ def _default_jobs(seeds: list[int], experiments: list[str]) -> list[dict[str, An
                     "experiment": "movielens_ratings", "model": "efa", "direction": direction, "seed": seed,
                     "guide": "normal", "extras": ("coverage", "nll_samples"),
                 })  # fmt: skip
+                # the family of the ratings chosen by LOO on validation: three fits and a comparison
+                jobs.append({
+                    "experiment": "movielens_ratings", "model": "efa", "direction": direction, "seed": seed,
+                    "kind": "family_choice",
+                })  # fmt: skip
     return jobs
 
 
@@ -285,10 +315,10 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (experiment, direction, model, guide, metric), mean and sd over seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
-        key = (r["experiment"], r["direction"], r["model"], r["guide"], r["architecture"])
+        key = (r["experiment"], r["direction"], r["model"], r["guide"], r["architecture"], r["metric"])
         groups.setdefault(key, []).append(r)
     rows = []
-    for (experiment, direction, model, guide, _), runs in groups.items():
+    for (experiment, direction, model, guide, *_), runs in groups.items():
         runs = sorted(runs, key=lambda r: r["seed"])
         metrics = [("test", runs[0]["metric"])]
         if "test_samples" in runs[0]:
@@ -306,6 +336,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "metric": metric, "mean": mean, "sd": sd, "seeds": [r["seed"] for r in runs],
                 "paper": paper, "architecture": runs[0]["architecture"],
                 "recommended": runs[0]["recommended"], "values": values,
+                "test_informed": runs[0].get("test_informed", False),
+                "chosen_families": [r["chosen_family"] for r in runs if "chosen_family" in r] or None,
                 "val_mean": statistics.fmean(r["val"] for r in runs) if field == "test" else None,
                 "seconds": sum(r["seconds"] for r in runs), "epochs": [r["epochs"] for r in runs],
                 "options": runs[0]["options"],
@@ -320,25 +352,50 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key=lambda r: (
             order.index(r["experiment"]),
             r["direction"] != "uni",
+            _model_rank(r["model"]),
             r["model"],
             r["guide"] != "map",
             r["metric"],
             r["architecture"],
         )
     )
-    # EFA beats EFE on every row (same experiment, direction, MAP)
-    for r in rows:
-        if r["model"] == "efa" and r["guide"] == "map" and r["metric"] == EXPERIMENTS[r["experiment"]].metric:
-            no_repeat = "no repeats" in r["architecture"]  # compare like with like
-            base = [
-                b for b in rows
-                if (b["experiment"], b["direction"], b["model"], b["guide"], b["metric"])
-                == (r["experiment"], r["direction"], "efe", "map", r["metric"])
-                and ("no repeats" in b["architecture"]) == no_repeat
-            ]  # fmt: skip
-            if base:
-                r["beats_efe"] = r["mean"] < base[0]["mean"]
+    _compare_with_others(rows)
     return rows
+
+
+def _label(model: str) -> str:
+    """The table's model name: EFA and EFE in capitals, a baseline as named."""
+    return model[:3].upper() + model[3:] if model[:3] in ("efa", "efe") else model
+
+
+def _model_rank(model: str) -> int:
+    """Table order: EFA, EFA with another family, EFE, then the baselines."""
+    return 0 if model == "efa" else 1 if model.startswith("efa") else 2 if model == "efe" else 3
+
+
+def _compare_with_others(rows: list[dict[str, Any]]) -> None:
+    """Mark every EFA row with the best other model of its experiment, direction and metric
+    (every MAP EFE row and every baseline; no-repeat rows only against no-repeat rows) and
+    whether EFA is ahead of it (lower metric)."""
+    for r in rows:
+        if _model_rank(r["model"]) > 1:
+            continue
+        no_repeat = "no repeats" in r["architecture"]  # compare like with like
+        metric = r["metric"]
+        others = [
+            b for b in rows
+            if (b["experiment"], b["direction"], b["metric"]) == (r["experiment"], r["direction"], metric)
+            and _model_rank(b["model"]) >= 2 and b["guide"] in ("map", "-")
+            and ("no repeats" in b["architecture"]) == no_repeat
+        ]  # fmt: skip
+        if others:
+            best = min(others, key=lambda b: b["mean"])
+            r["best_other"] = {
+                "model": best["model"],
+                "architecture": best["architecture"],
+                "mean": best["mean"],
+            }
+            r["ahead"] = r["mean"] < best["mean"]
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -347,9 +404,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
 
-def write_markdown(
-    path: Path, rows: list[dict[str, Any]], info: dict[str, Any], knn: dict[str, Any] | None
-) -> None:
+def write_markdown(path: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
     lines = [
         "# Reproducing the EFA paper: EFA vs the EFE baseline",
         "",
@@ -371,9 +426,9 @@ def write_markdown(
         "(one fit per worker at a time: the wall time of all rows is about this sum / workers)",
         f"- seeds: {info['seeds']}; {info['note']}",
         "",
-        "| experiment | dir | model | guide | metric | mean | sd | paper | gap | target | met | beats EFE "
-        "| architecture | fit time (s, all seeds) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| experiment | dir | model | guide | metric | mean | sd | paper | gap | target | met "
+        "| best other model | EFA ahead | chosen on | architecture | fit time (s, all seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gap = r["mean"] - r["paper"] if r["paper"] is not None else None
@@ -381,28 +436,24 @@ def write_markdown(
         met = {True: "yes", False: "**no**"}.get(r.get("meets_target"), "")
         if target is not None and not r["meets_target"]:
             met += f" (+{r['mean'] - target:.4f})"
-        beats = {True: "yes", False: "**no**"}.get(r.get("beats_efe"), "")
+        ahead = {True: "yes", False: "**no**"}.get(r.get("ahead"), "")
+        best = r.get("best_other")
+        other = f"{best['model']} {_fmt(best['mean'])}" if best else ""
+        chosen = "**test** (see notes)" if r.get("test_informed") else "validation"
+        arch = r["architecture"]
+        if r.get("chosen_families"):
+            arch += f" (chosen per seed: {', '.join(r['chosen_families'])})"
         lines.append(
-            f"| {r['experiment']} | {r['direction']} | {r['model'].upper()} | {r['guide']} | {r['metric']} "
+            f"| {r['experiment']} | {r['direction']} | {_label(r['model'])} | {r['guide']} | {r['metric']} "
             f"| {_fmt(r['mean'])} | {_fmt(r['sd'])} | {_fmt(r['paper'])} | {_fmt(gap)} | {_fmt(target)} "
-            f"| {met} | {beats} | {r['architecture']} | {r['seconds']:.0f} |"
+            f"| {met} | {other} | {ahead} | {chosen} | {arch} | {r['seconds']:.0f} |"
         )
-    if knn is not None:
+    if any(r["experiment"].startswith("temperature") for r in rows):
         lines += [
             "",
-            "Reference (temperature, same day): k-nearest-city baseline with a per-city intercept and "
-            f"slope, k = {knn['k']} chosen on validation: test MSE {knn['test_mse']:.2f} "
-            "(paper, without intercept: k = 5, 22.68).",
+            "The paper's k-nearest-city baseline (temperature, same day) has no intercept: k = 5, test MSE "
+            "22.68; the `knn` rows here fit a per-city intercept and slope.",
         ]
-        if "ridge" in knn:
-            r = knn["ridge"]
-            lines += [
-                "",
-                "Reference (temperature, not in the paper): a per-city ridge regression on every other city "
-                "(and every city of the lag days), penalty chosen on validation, test MSE: same day "
-                f"{r[0]['test_mse']:.2f}, +1 lag day {r[1]['test_mse']:.2f}, "
-                f"+2 lag days {r[2]['test_mse']:.2f} (`models/temperature.py: ridge_baseline`).",
-            ]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in info["notes"]]
     missed = [r for r in rows if r.get("meets_target") is False]
     if missed and not info["smoke"]:
@@ -491,9 +542,7 @@ MISSED = [
 ]
 
 
-def write_all(
-    out: Path, results: list[dict[str, Any]], info: dict[str, Any], knn: Any
-) -> list[dict[str, Any]]:
+def write_all(out: Path, results: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, Any]]:
     rows = summarise(results)
     info["fit_seconds"] = sum(r["seconds"] for r in results)
     out.mkdir(parents=True, exist_ok=True)
@@ -501,13 +550,21 @@ def write_all(
     tmp.write_text(json.dumps(rows, indent=1))
     tmp.replace(out / "reproduce.json")
     (out / "reproduce_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-    write_markdown(out / "reproduce.md", rows, info, knn)
+    write_markdown(out / "reproduce.md", rows, info)
     return rows
 
 
-def kept_runs(out: Path, experiments: list[str], variants: str) -> list[dict[str, Any]]:
+def model_group(model: str) -> str:
+    """``"efa"`` (any EFA row), ``"efe"`` or ``"baselines"``: what ``--models`` selects."""
+    return "efa" if model.startswith("efa") else "efe" if model == "efe" else "baselines"
+
+
+def kept_runs(
+    out: Path, experiments: list[str], variants: str, models: tuple[str, ...] = MODEL_GROUPS
+) -> list[dict[str, Any]]:
     """The per-seed results of an earlier run in ``out`` that this run does not redo: those of
-    other experiments, and of the other variant kind (``"default"`` / ``"no_repeat"``)."""
+    other experiments, of the other variant kind (``"default"`` / ``"no_repeat"``) and of the
+    model groups not in ``models``."""
     path = out / "reproduce_runs.jsonl"
     if not path.is_file():
         return []
@@ -515,33 +572,37 @@ def kept_runs(out: Path, experiments: list[str], variants: str) -> list[dict[str
 
     def redone(run: dict[str, Any]) -> bool:
         no_repeat = "no repeats" in run["architecture"]
-        return run["experiment"] in experiments and (
-            variants == "all" or no_repeat == (variants == "no_repeat")
+        return (
+            run["experiment"] in experiments
+            and model_group(run["model"]) in models
+            and (variants == "all" or no_repeat == (variants == "no_repeat"))
         )
 
     return [r for r in runs if not redone(r)]
 
 
-def knn_reference(data_dir: Path) -> dict[str, Any] | None:
-    try:
-        table = temperature.knn_baseline(data_dir, drop_states_with_missing=True)  # the paper's 44 cities
-    except OSError:
-        return None
-    best = table.loc[table["val_mse"].idxmin()]
-    ridge = {}
-    for lags in (0, 1, 2):
-        fits = temperature.ridge_baseline(data_dir, lags=lags, drop_states_with_missing=True)
-        chosen = fits.loc[fits["val_mse"].idxmin()]
-        ridge[lags] = {"penalty": float(chosen.penalty), "test_mse": float(chosen.test_mse)}
-    knn = {"k": int(best.k), "val_mse": float(best.val_mse), "test_mse": float(best.test_mse)}
-    return {**knn, "ridge": ridge}
+def baseline_runs(experiments: list[str], data_dir: Path, smoke: bool) -> list[dict[str, Any]]:
+    """The baselines of each experiment (``Experiment.baselines``: fast, deterministic, their
+    options chosen on validation) as per-seed results."""
+    runs = []
+    for name in experiments:
+        exp = EXPERIMENTS[name]
+        if exp.baselines is not None:
+            runs += exp.baselines(load(name, str(data_dir), smoke), data_dir)
+    return runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Every experiment of the EFA paper, EFA vs EFE, over seeds.")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Every experiment of the EFA paper: EFA, EFE and simple baselines, over seeds."
+    )
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of the paper's data sets")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--experiments", nargs="+", choices=list(EXPERIMENTS), default=list(EXPERIMENTS))
+    parser.add_argument(
+        "--models", nargs="+", choices=MODEL_GROUPS, default=list(MODEL_GROUPS),
+        help="which rows to (re)run: EFA fits, EFE fits, the baselines (the others are kept)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="parallel fits (one torch thread each)")
     parser.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results; --smoke: a temp dir)"
@@ -557,17 +618,64 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", choices=("all", "default", "no_repeat"), default="all",
         help="which rows: the recommended models, the item-sequence rows with exclude_context_items, or both",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
 
-    experiments = list(args.experiments)
+
+def _render(out: Path, info: dict[str, Any]) -> None:
+    """Rewrite the tables from the per-seed results of an earlier run in ``out``."""
+    old = (out / "reproduce.md").read_text()
+    wall = re.search(r"wall time: ([0-9.]+) min", old)
+    started = re.search(r"started ([0-9-]+ [0-9:]+)", old)
+    info["wall_seconds"] = float(wall.group(1)) * 60 if wall else math.nan
+    info["started"] = started.group(1) if started else "?"
+    redone = re.search(r"this run redid (.*), the other rows", old)
+    if redone:
+        info["redone"] = redone.group(1).split(", ")
+    runs = [json.loads(line) for line in (out / "reproduce_runs.jsonl").read_text().splitlines()]
+    write_all(out, runs, info)
+
+
+def _run_jobs(
+    jobs: list[dict[str, Any]], workers: int, out: Path, results: list[dict[str, Any]], info: dict[str, Any]
+) -> int:
+    """Run the fits in ``workers`` processes, rewriting the tables after each; the failures."""
+    start = time.perf_counter() - info["wall_seconds"]
+    failures = 0
+    with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(run_one, job): job for job in jobs}
+        for future in cf.as_completed(futures):
+            job = futures[future]
+            try:
+                done = future.result()
+            except Exception as e:  # keep the others; report at the end
+                failures += 1
+                print(
+                    f"FAILED {job['experiment']} {job['model']} {job['direction']} seed {job['seed']}: {e!r}"
+                )
+                continue
+            done = done if isinstance(done, list) else [done]
+            results += done
+            info["wall_seconds"] = time.perf_counter() - start
+            write_all(out, results, info)
+            for r in done:
+                print(
+                    f"[{time.perf_counter() - start:7.0f}s] {r['experiment']:<18} {r['model']} "
+                    f"{r['direction']:<3} {r['guide']:<6} seed {r['seed']}: val {r['val']:.4f} "
+                    f"test {r['test']:.4f} ({r['epochs']} epochs, {r['seconds']:.0f}s)",
+                    flush=True,
+                )
+    info["wall_seconds"] = time.perf_counter() - start
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    experiments, models = list(args.experiments), tuple(args.models)
     if not args.data_dir.is_dir():
         print(f"no data at {args.data_dir}: only the synthetic experiment runs", file=sys.stderr)
         experiments = [e for e in experiments if e == "synthetic"]
     seeds = args.seeds[:1] if args.smoke else args.seeds
     out = args.out or (Path(tempfile.mkdtemp(prefix="reproduce_smoke_")) if args.smoke else RESULTS)
-    jobs = plan(seeds, experiments, args.smoke, args.data_dir, args.variants)
-    knn = knn_reference(args.data_dir) if any(e.startswith("temperature") for e in experiments) else None
-    start = time.perf_counter()
     info = {
         "smoke": args.smoke, "seeds": seeds, "workers": args.workers,
         "started": time.strftime("%Y-%m-%d %H:%M"),
@@ -575,51 +683,21 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note, "notes": NOTES, "wall_seconds": 0.0,
     }  # fmt: skip
     info["configs"] = {f"{name} EFA options": dict(exp.efa) for name, exp in EXPERIMENTS.items()}
-    if args.render:  # rewrite the tables from the per-seed results of an earlier run
-        old = (out / "reproduce.md").read_text()
-        wall = re.search(r"wall time: ([0-9.]+) min", old)
-        started = re.search(r"started ([0-9-]+ [0-9:]+)", old)
-        info["wall_seconds"] = float(wall.group(1)) * 60 if wall else math.nan
-        info["started"] = started.group(1) if started else "?"
-        redone = re.search(r"this run redid (.*), the other rows", old)
-        if redone:
-            info["redone"] = redone.group(1).split(", ")
-        runs = [json.loads(line) for line in (out / "reproduce_runs.jsonl").read_text().splitlines()]
-        write_all(out, runs, info, knn)
+    if args.render:
+        _render(out, info)
         return 0
-    results = [] if args.fresh or args.smoke else kept_runs(out, experiments, args.variants)
+    start = time.perf_counter()
+    results = [] if args.fresh or args.smoke else kept_runs(out, experiments, args.variants, models)
     if results:
-        info["redone"] = (
-            experiments if args.variants == "all" else [f"{e} ({args.variants})" for e in experiments]
-        )
-    print(
-        f"{len(jobs)} fits, {args.workers} workers, output {out}; {len(results)} earlier fits kept",
-        flush=True,
-    )
-    failures = 0
-    with cf.ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = {pool.submit(run_one, job): job for job in jobs}
-        for future in cf.as_completed(futures):
-            job = futures[future]
-            try:
-                r = future.result()
-            except Exception as e:  # keep the others; report at the end
-                failures += 1
-                print(
-                    f"FAILED {job['experiment']} {job['model']} {job['direction']} seed {job['seed']}: {e!r}"
-                )
-                continue
-            results.append(r)
-            info["wall_seconds"] = time.perf_counter() - start
-            write_all(out, results, info, knn)
-            print(
-                f"[{time.perf_counter() - start:7.0f}s] {r['experiment']:<18} {r['model']} "
-                f"{r['direction']:<3} {r['guide']:<6} seed {r['seed']}: val {r['val']:.4f} "
-                f"test {r['test']:.4f} ({r['epochs']} epochs, {r['seconds']:.0f}s)",
-                flush=True,
-            )
+        redone = experiments if args.variants == "all" else [f"{e} ({args.variants})" for e in experiments]
+        info["redone"] = [f"{e} ({', '.join(models)})" for e in redone] if models != MODEL_GROUPS else redone
+    if "baselines" in models and args.variants != "no_repeat":
+        results += baseline_runs(experiments, args.data_dir, args.smoke)
+    jobs = plan(seeds, experiments, args.smoke, args.data_dir, args.variants, models)
+    print(f"{len(jobs)} fits, {args.workers} workers, output {out}; {len(results)} earlier fits or baselines")
     info["wall_seconds"] = time.perf_counter() - start
-    rows = write_all(out, results, info, knn)
+    failures = _run_jobs(jobs, args.workers, out, results, info)
+    rows = write_all(out, results, info)
     print(f"done in {info['wall_seconds'] / 60:.1f} min; {len(rows)} rows in {out / 'reproduce.json'}")
     return 1 if failures else 0
 

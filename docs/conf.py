@@ -54,6 +54,7 @@ PUBLIC_MODULES = [
     "pyro_efa.streaming",
     "pyro_efa.models",
     "pyro_efa.models.base",
+    "pyro_efa.models.baselines",
     "pyro_efa.models.movielens",
     "pyro_efa.models.instacart",
     "pyro_efa.models.temperature",

@@ -32,7 +32,18 @@ import torch
 from pyro_efa import EFA, FAMILIES, EFAConfig, EFAData, FitOptions, evaluate, fit
 from pyro_efa.families import resolve_per_key
 
-__all__ = ["DATA_DIR", "Experiment", "Splits", "data_dir", "parser", "run_cli", "smoke_splits"]
+__all__ = [
+    "DATA_DIR",
+    "Experiment",
+    "Splits",
+    "baseline_record",
+    "changed_options",
+    "data_dir",
+    "describe",
+    "parser",
+    "run_cli",
+    "smoke_splits",
+]
 
 #: train, validation and test units of an experiment
 Splits = tuple[EFAData, EFAData, EFAData]
@@ -70,6 +81,9 @@ class Experiment:
     :ivar str kind: ``"valued"`` or ``"items"`` (item sequences).
     :ivar bool max_len_from_splits: size the position embedding to the longest unit of all
         splits (item sequences, where the test units may be longer than any training unit).
+    :ivar baselines: ``baselines(splits, data_dir) -> records`` (see :func:`baseline_record`):
+        the simple models a user would try first, on the same splits and metric, their
+        hyperparameters chosen on the validation units; ``None`` for none.
     """
 
     name: str
@@ -82,6 +96,7 @@ class Experiment:
     fit: Mapping[tuple[str, str | None], Mapping[str, Any]]
     kind: str = "valued"
     max_len_from_splits: bool = False
+    baselines: Callable[[Splits, Path], list[dict[str, Any]]] | None = None
 
     def load(self, path: str | os.PathLike | None = None) -> Splits:
         """Train, validation and test units (read from ``path``, default :data:`DATA_DIR`)."""
@@ -112,6 +127,78 @@ class Experiment:
         _check(model, direction, self.directions)
         options = self.fit.get((model, direction), self.fit.get((model, None), {}))
         return FitOptions(**{**options, **overrides})
+
+
+def baseline_record(
+    experiment: str,
+    direction: str,
+    model: str,
+    metric: str,
+    val: float,
+    test: float,
+    architecture: str,
+    options: Mapping[str, Any],
+    seconds: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One baseline's result in the form of a fit's (``benchmarks/reproduce.py`` tables both).
+
+    :param str model: the baseline's name (the table's model column), e.g. ``"ridge"``.
+    :param float val: its metric on the validation units (where its options were chosen).
+    :param float test: its metric on the test units.
+    :param str architecture: a short description, with the options chosen.
+    :param seed: the seed of a baseline with randomness (0 for deterministic ones).
+    """
+    return {
+        "experiment": experiment, "model": model, "direction": direction, "seed": seed, "guide": "-",
+        "metric": metric, "architecture": architecture, "recommended": True, "val": float(val),
+        "test": float(test), "epochs": 0, "best_epoch": None, "seconds": float(seconds),
+        "options": dict(options),
+    }  # fmt: skip
+
+
+def describe(efa: EFA) -> str:
+    """A short description of an EFA configuration for the results tables: layers, heads and
+    width, the attention stream (the paper's or not), LayerNorm, feed-forward, dropout, prior
+    scale; for an EFE its keys and token."""
+    c = efa.config.to_dict()
+    no_repeat = ", no repeats (exclude_context_items)" if c.get("exclude_context_items") else ""
+    if c["attention"] == "uniform":
+        extra = []
+        if c["kind"] == "valued" and c["key_embedding"] == "mlp":
+            extra.append("coordinate keys (MLP)")
+        elif c["kind"] == "valued" and c["num_keys"] and c["key_features"]:
+            extra.append("one embedding per key (city)")
+        if c["value_embedding"] == "key_linear_std":
+            extra.append("token on standardised x")
+        return ", ".join([f"EFE d={c['dim']}", *extra]) + no_repeat
+    if c["direction"] == "uni":
+        stream = "causal, one pass (= paper)"
+    elif c["context_stream"] == "fixed":
+        stream = "fixed context, one pass (not the paper's)"
+    else:
+        stream = "shared context, per target (paper's)"
+        if c["target_fraction"] < 1:
+            stream += f", {c['target_fraction']:g} of targets per step"
+    extra = []
+    if c["layer_norm"]:
+        extra.append("LN")
+    if c["ff_dim"]:
+        extra.append(f"FF{c['ff_dim']}")
+    if c["dropout"]:
+        extra.append(f"drop {c['dropout']:g}")
+    if c["prior_scale"] != 1.0:
+        extra.append(f"s={c['prior_scale']:g}")
+    head = f"{c['num_layers']}Lx{c['num_heads']}H d={c['dim']}"
+    return ", ".join([head, stream, *extra]) + no_repeat
+
+
+def changed_options(options: FitOptions) -> dict[str, Any]:
+    """The fit options that differ from :class:`~pyro_efa.FitOptions`' defaults (but the number
+    of epochs and the seed): what the results tables print of a fit."""
+    default = FitOptions()
+    skip = ("num_epochs", "seed")
+    return {k: v for k, v in options.to_dict().items() if k not in skip and v != getattr(default, k)}
 
 
 def _check(model: str, direction: str, directions: Sequence[str]) -> None:

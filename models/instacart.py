@@ -42,6 +42,7 @@ import pandas as pd
 
 from pyro_efa import EFAData
 from pyro_efa.models.base import DATA_DIR, Experiment, Splits, parser, run_cli
+from pyro_efa.models.baselines import experiment_baselines
 
 __all__ = ["EXPERIMENT", "load"]
 
@@ -77,6 +78,7 @@ EXPERIMENT = Experiment(
     fit={("efa", None): FIT, ("efe", None): FIT},
     kind="items",
     max_len_from_splits=True,
+    baselines=experiment_baselines("instacart"),
 )
 
 

@@ -24,7 +24,13 @@ from .families import FAMILIES, Family, get_family, register_family  # noqa: E40
 from .guides import make_guide  # noqa: E402
 from .infer import fit  # noqa: E402
 from .model import EFA  # noqa: E402
-from .predictive import evaluate, log_likelihood, posterior_predictive, predict  # noqa: E402
+from .predictive import (  # noqa: E402
+    evaluate,
+    interval_coverage,
+    log_likelihood,
+    posterior_predictive,
+    predict,
+)
 from .results import EFAFit  # noqa: E402
 from .serialization import load, save  # noqa: E402
 from .streaming import StreamingUnits  # noqa: E402
@@ -48,6 +54,7 @@ __all__ = [
     "Vocabulary",
     "__version__",
     "evaluate",
+    "interval_coverage",
     "fit",
     "get_family",
     "load",

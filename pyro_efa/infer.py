@@ -49,7 +49,7 @@ from .data import EFAData, data_schema, schema_to_json
 from .errors import InputError
 from .files import write_torch
 from .guides import guide_name, make_guide, recipe
-from .model import find_efa, reset_parameters
+from .model import data_check, find_efa, reset_parameters
 from .results import EFAFit, TrainUnits
 from .scoring import Scorer, model_device
 
@@ -190,12 +190,13 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------
     def _check_data(self) -> None:
         # the whole table is checked before the first epoch (a streamed part as each shard is read)
+        check = data_check(self.model)
         if isinstance(self.data, EFAData):
-            self.efa.validate(self.data)
+            check(self.data)
         else:
-            self.data.check_with(self.efa.validate)
+            self.data.check_with(check)
         if self.val_data is not None:
-            self.efa.validate(self.val_data)
+            check(self.val_data)
 
     def _initialise(self, guide: torch.nn.Module | None) -> None:
         # the network's initial weights from the seed (and those of a guide object's modules),

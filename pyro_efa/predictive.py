@@ -22,7 +22,7 @@ from .scoring import Scorer, Scores, log_base_measure, seeded
 if TYPE_CHECKING:
     from .results import EFAFit
 
-__all__ = ["evaluate", "log_likelihood", "posterior_predictive", "predict"]
+__all__ = ["evaluate", "interval_coverage", "log_likelihood", "posterior_predictive", "predict"]
 
 
 def _mc_loglik(scorer: Scorer, num_samples: int, seed: int) -> torch.Tensor:
@@ -193,3 +193,25 @@ def posterior_predictive(
             latents = scorer.latent_draws(num_samples)
         draws = [scorer.score(x, sample=True).draw for x in latents]
     return torch.stack([d.cpu() for d in draws if d is not None])
+
+
+def interval_coverage(
+    fitted: EFAFit, data: EFAData, level: float = 0.9, num_samples: int = 200, seed: int = 0
+) -> float:
+    """Share of the targets of ``data`` inside their central ``level`` posterior-predictive
+    interval: the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of ``num_samples`` draws of
+    :func:`posterior_predictive`, bounds included. For discrete values with few levels it can
+    exceed ``level`` whatever the model (an interval holds whole values); a categorical family's
+    draws are class indices, so its interval follows the order of its classes.
+
+    :param float level: in (0, 1).
+    """
+    if not 0.0 < level < 1.0:
+        raise InputError(f"level must be in (0, 1), got {level!r}")
+    draws = posterior_predictive(fitted, data, num_samples=num_samples, seed=seed)
+    lo = torch.quantile(draws.double(), (1 - level) / 2, dim=0)
+    hi = torch.quantile(draws.double(), (1 + level) / 2, dim=0)
+    m = data.target & data.mask
+    values = data.values.double()
+    inside = (values >= lo) & (values <= hi)
+    return float(inside[m].double().mean())

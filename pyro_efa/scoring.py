@@ -44,6 +44,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .data import EFAData
 from .errors import InputError
+from .model import data_check
 
 if TYPE_CHECKING:
     from .model import EFA
@@ -193,7 +194,7 @@ class Scorer:
         self.efa = fit.efa
         data = data.conform(fit.schema)
         if validate:
-            self.efa.validate(data)
+            data_check(fit.model)(data)
         #: the scored data in the fit's vocabularies, on the CPU (the ``data`` attribute is on the
         #: model's device)
         self.source = data

@@ -174,8 +174,9 @@ SMOKE = [
     ("movielens.py", "--task", "movielens_ratings"),
     ("instacart.py",),
     ("temperature.py", "--lags", "1"),
+    ("baselines.py", "--task", "instacart"),
 ]
-NEEDS_DATA = {"movielens.py", "instacart.py", "temperature.py"}
+NEEDS_DATA = {"movielens.py", "instacart.py", "temperature.py", "baselines.py"}
 
 
 def test_smoke_list_covers_every_script():

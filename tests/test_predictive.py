@@ -4,12 +4,25 @@ vocabularies."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from pyro_efa import EFA, EFAConfig, EFAData, evaluate, fit, log_likelihood, posterior_predictive, predict
+from pyro_efa import (
+    EFA,
+    EFAConfig,
+    EFAData,
+    evaluate,
+    fit,
+    interval_coverage,
+    log_likelihood,
+    posterior_predictive,
+    predict,
+)
+from pyro_efa.errors import InputError
 from pyro_efa.diagnostics import pit
 from pyro_efa.families import get_family
 
@@ -166,3 +179,27 @@ def test_categorical_rank_against_sorting() -> None:
         order = torch.argsort(d.probs[i], descending=True).tolist()
         assert rank[i] == order.index(int(x[i])) + 1
     assert get_family("gaussian").rank(get_family("gaussian").dist(eta[:, :1], key), x.float()) is None
+
+
+def test_interval_coverage_of_values_drawn_from_the_model_is_its_level() -> None:
+    """Targets replaced by draws from their own predictive distributions (each unit: context-only
+    rows and one target, so no draw changes a context) fall inside the central 90% interval with
+    probability 0.9: the share is within 4 binomial standard errors of it. A level of 0.02 holds
+    few of them; a bad level is refused."""
+    rng = np.random.default_rng(0)
+    n = 600
+    rows = [
+        {"u": u, "k": k, "x": float(rng.normal(k, 1.0)), "ctx": k > 0, "o": k}
+        for u in range(n)
+        for k in range(3)
+    ]
+    data = EFAData.from_pandas(pd.DataFrame(rows), unit="u", key="k", value="x", order="o", context="ctx")
+    model = EFA.from_data(data, EFAConfig(direction="bi", dim=4, num_layers=1))
+    fitted = fit(model, data, num_epochs=2, batch_size=128, progress=False, seed=0)
+    one = posterior_predictive(fitted, data, num_samples=1, seed=123)[0]
+    replicate = dataclasses.replace(data, values=torch.where(data.target & data.mask, one, data.values))
+    share = interval_coverage(fitted, replicate, level=0.9, num_samples=400, seed=7)
+    assert abs(share - 0.9) < 4 * (0.9 * 0.1 / n) ** 0.5
+    assert interval_coverage(fitted, replicate, level=0.02, num_samples=400, seed=7) < 0.1
+    with pytest.raises(InputError, match="level"):
+        interval_coverage(fitted, data, level=1.0)

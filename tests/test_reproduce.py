@@ -36,7 +36,10 @@ def test_smoke(tmp_path: Path) -> None:
     assert rows and all(REQUIRED <= set(r) for r in rows)
     assert {r["experiment"] for r in rows} <= EXPERIMENTS
     assert {r["direction"] for r in rows} <= {"uni", "bi"}
-    assert {r["model"] for r in rows} <= {"efa", "efe"}
+    baselines = {"ridge", "knn", "popularity", "markov", "cooccurrence", "movie_mean", "movie_frequency"}
+    assert {r["model"] for r in rows} <= {"efa", "efe"} | baselines | {
+        r["model"] for r in rows if r["model"].startswith("efa (")
+    }
     assert "synthetic" in {r["experiment"] for r in rows}
     for r in rows:
         assert isinstance(r["seeds"], list) and r["seeds"]
@@ -48,6 +51,14 @@ def test_smoke(tmp_path: Path) -> None:
         assert {r["experiment"] for r in rows} == EXPERIMENTS
         metrics = {(r["guide"], r["metric"]) for r in rows if r["experiment"] == "movielens_ratings"}
         assert {("map", "coverage90"), ("normal", "coverage90"), ("normal", "nll_no_base")} <= metrics
+        # every experiment of the paper's data has baselines, each row compared with the best of them
+        for name in EXPERIMENTS - {"synthetic"}:
+            assert {r["model"] for r in rows if r["experiment"] == name} & baselines, name
+        main = [r for r in rows if r["model"] == "efa" and r["guide"] == "map" and "best_other" in r]
+        assert main and all(r["ahead"] == (r["mean"] < r["best_other"]["mean"]) for r in main)
+        # the row chosen after looking at the test years says so in the table
+        assert any(r["test_informed"] for r in rows if r["experiment"] == "temperature_lag1")
+        assert "**test** (see notes)" in text
 
 
 def test_plan_covers_every_row() -> None:
@@ -60,24 +71,39 @@ def test_plan_covers_every_row() -> None:
                 assert (experiment, model, direction) in keys
     assert all(sum(1 for j in jobs if j == k) == 1 for k in jobs)
     assert {j["seed"] for j in jobs} == {0, 1, 2}
+    # the EFE of the temperatures: one key per city (recommended) and coordinate keys
+    efe = [j for j in jobs if j["experiment"] == "temperature" and j["model"] == "efe"]
+    assert {j["overrides"].get("key_embedding") for j in efe} == {None, "mlp"}
+    only_efe = rp.plan([0], list(rp.EXPERIMENTS), smoke=True, data_dir=Path("."), models=("efe",))
+    assert only_efe and {j["model"] for j in only_efe} == {"efe"}
 
 
 def test_partial_rerun_keeps_the_other_rows(tmp_path: Path) -> None:
     rp = _reproduce()
     runs = [
-        {"experiment": "instacart", "architecture": "2Lx2H d=32", "seed": 0},
+        {"experiment": "instacart", "model": "efa", "architecture": "2Lx2H d=32", "seed": 0},
         {
             "experiment": "instacart",
+            "model": "efe",
             "architecture": "EFE d=32, no repeats (exclude_context_items)",
             "seed": 0,
         },
-        {"experiment": "synthetic", "architecture": "EFE d=32", "seed": 0},
+        {"experiment": "synthetic", "model": "efe", "architecture": "EFE d=32", "seed": 0},
     ]
     (tmp_path / "reproduce_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     assert rp.kept_runs(tmp_path, ["instacart"], "all") == runs[2:]
     assert rp.kept_runs(tmp_path, ["instacart"], "default") == runs[1:]
     assert rp.kept_runs(tmp_path, ["instacart"], "no_repeat") == [runs[0], runs[2]]
     assert rp.kept_runs(tmp_path / "empty", ["instacart"], "all") == []
+    # --models: only the named model groups of the named experiments are redone
+    runs = [
+        {"experiment": "temperature", "model": "efa", "architecture": "4Lx2H", "seed": 0},
+        {"experiment": "temperature", "model": "efe", "architecture": "EFE d=32", "seed": 0},
+        {"experiment": "temperature", "model": "ridge", "architecture": "per-city ridge", "seed": 0},
+    ]
+    (tmp_path / "reproduce_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert rp.kept_runs(tmp_path, ["temperature"], "all", ("efe", "baselines")) == runs[:1]
+    assert rp.kept_runs(tmp_path, ["temperature"], "all", ("efa",)) == runs[1:]
 
 
 @pytest.mark.slow
