@@ -55,6 +55,7 @@ PUBLIC_MODULES = [
     "pyro_efa.models",
     "pyro_efa.models.base",
     "pyro_efa.models.baselines",
+    "pyro_efa.models.composed",
     "pyro_efa.models.movielens",
     "pyro_efa.models.instacart",
     "pyro_efa.models.temperature",
