@@ -167,8 +167,6 @@ def describe(efa: EFA) -> str:
         extra = []
         if c["kind"] == "valued" and c["key_embedding"] == "mlp":
             extra.append("coordinate keys (MLP)")
-        elif c["kind"] == "valued" and c["num_keys"] and c["key_features"]:
-            extra.append("one embedding per key (city)")
         if c["value_embedding"] == "key_linear_std":
             extra.append("token on standardised x")
         return ", ".join([f"EFE d={c['dim']}", *extra]) + no_repeat

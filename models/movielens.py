@@ -405,6 +405,8 @@ def _family_record(
         "experiment": RATINGS.name,
         "direction": direction,
         "model": f"efa ({family})",
+        "family": family,
+        "efa_architecture": describe(fitted.efa),
         "seed": seed,
         "guide": "normal",
         "metric": "nll",

@@ -1,6 +1,7 @@
 """The count baselines of the item-sequence experiments (``models/baselines.py``): counts,
 distributions and cross-entropies against brute-force loops on tiny hand-built units, the target
-set against EFA's scoring, the choice of hyperparameters on validation units only, and the real
+set against EFA's scoring, the choice of hyperparameters on validation units only, the no-repeat
+versions (``exclude_context_items``) against loops and against EFA with that option, and the real
 MovieLens items (skipped without the data)."""
 
 from __future__ import annotations
@@ -97,14 +98,10 @@ def test_popularity_by_hand(splits):
     assert bl.cross_entropy(picked, t) == pytest.approx(want, rel=1e-12)
 
 
-def test_markov_by_hand(splits):
-    counts = bl.item_counts(splits[0])
-    t = counts.targets(splits[2])
-    alpha, alpha_first, pop = 2.0, 3.0, _pop(1.0)
-    probs = bl.markov_probs(counts, t, alpha, alpha_first, pop)
+def _brute_markov(units, alpha, alpha_first, pop):
     _, first, trans, _ = _brute_counts(TRAIN)
     rows = []
-    for seq in _idx(TEST):
+    for seq in _idx(units):
         for i, _v in enumerate(seq):
             if i == 0:
                 rows.append(
@@ -113,7 +110,15 @@ def test_markov_by_hand(splits):
             else:
                 w = seq[i - 1]
                 rows.append([(trans[w][v] + alpha * pop[v]) / (trans[w].sum() + alpha) for v in range(N)])
-    want = torch.tensor(rows, dtype=torch.float64)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_markov_by_hand(splits):
+    counts = bl.item_counts(splits[0])
+    t = counts.targets(splits[2])
+    alpha, alpha_first, pop = 2.0, 3.0, _pop(1.0)
+    probs = bl.markov_probs(counts, t, alpha, alpha_first, pop)
+    want = _brute_markov(TEST, alpha, alpha_first, pop)
     assert torch.allclose(probs, want, rtol=1e-12, atol=0)
     assert torch.allclose(probs.sum(-1), torch.ones(len(t), dtype=torch.float64))
     picked = bl.markov_probs(counts, t, alpha, alpha_first, pop, items=t.item)
@@ -263,6 +268,160 @@ def test_item_baselines_rows(splits):
 
 
 # ------------------------------------------------------------------------------------------------
+# the no-repeat versions (exclude_context_items)
+#: context-only observations: the second of the first unit, the first of the last
+CONTEXT = [[False, True, False], [False], [True, False, False, False]]
+KEEP = [not c for seq in CONTEXT for c in seq]  # the positions of TEST that are targets
+
+
+def _brute_contexts(units, direction):
+    """Per position of ``units``: the set of items in its context (every other observation,
+    context-only ones too; ``uni``: the earlier ones only)."""
+    return [
+        {w for j, w in enumerate(seq) if (j < i if direction == "uni" else j != i)}
+        for seq in _idx(units)
+        for i in range(len(seq))
+    ]
+
+
+def _brute_exclude(full, units, direction):
+    """Each row of ``full`` (one per position of ``units``) 0 on its context items, renormalised."""
+    rows = []
+    for row, ctx in zip(full.tolist(), _brute_contexts(units, direction), strict=True):
+        total = sum(p for v, p in enumerate(row) if v not in ctx)
+        rows.append([0.0 if v in ctx else p / total for v, p in enumerate(row)])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+NO_REPEAT_CASES = {
+    "popularity uni": (
+        "uni", lambda c, t, **kw: bl.popularity_probs(c, t, 0.5, direction="uni", **kw), lambda: _pop(0.5),
+    ),
+    "popularity bi": (
+        "bi", lambda c, t, **kw: bl.popularity_probs(c, t, 0.5, direction="bi", **kw), lambda: _pop(0.5),
+    ),
+    "markov": (
+        "uni", lambda c, t, **kw: bl.markov_probs(c, t, 2.0, 3.0, _pop(1.0), **kw),
+        lambda: _brute_markov(TEST, 2.0, 3.0, _pop(1.0)),
+    ),
+    "mixture": (
+        "bi", lambda c, t, **kw: bl.cooccurrence_probs(c, t, 0.7, _pop(1.0), rule="mixture", lam=0.3, **kw),
+        lambda: _brute_cooccurrence(TEST, "mixture", 0.7, _pop(1.0), lam=0.3),
+    ),
+    "product": (
+        "bi",
+        lambda c, t, **kw: bl.cooccurrence_probs(c, t, 0.7, _pop(1.0), rule="product", weight=0.5, **kw),
+        lambda: _brute_cooccurrence(TEST, "product", 0.7, _pop(1.0), weight=0.5),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(NO_REPEAT_CASES))
+def test_no_repeat_probs_by_hand(splits, case):
+    direction, probs_of, brute = NO_REPEAT_CASES[case]
+    test = _data(TEST, splits[0].items, CONTEXT)
+    counts = bl.item_counts(splits[0])
+    t = counts.targets(test)
+    full = brute()
+    full = full.expand(len(KEEP), N) if full.dim() == 1 else full  # popularity: one row for all
+    keep = torch.tensor(KEEP)
+    want = _brute_exclude(full, TEST, direction)[keep]
+    got = probs_of(counts, t, exclude_context_items=True)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    # 0 on the context items (context-only observations included), a distribution over the rest
+    ctx = [c for c, k in zip(_brute_contexts(TEST, direction), KEEP, strict=True) if k]
+    in_ctx = torch.tensor([[v in c for v in range(N)] for c in ctx])
+    assert torch.equal(t.context(direction), in_ctx)
+    assert got[in_ctx].eq(0).all() and (got[~in_ctx] > 0).all()
+    assert torch.allclose(got.sum(-1), torch.ones(len(t), dtype=torch.float64), rtol=1e-12, atol=0)
+    assert in_ctx.any(-1).sum() >= 4  # the check bites: most targets have context items
+    # the probability of one item per target, and the plain version unchanged by the option's default
+    picked = probs_of(counts, t, items=t.item, exclude_context_items=True)
+    assert torch.allclose(picked, got.gather(-1, t.item[:, None])[:, 0], rtol=1e-12, atol=0)
+    others = (t.item + 1) % N  # context items too: probability 0
+    picked = probs_of(counts, t, items=others, exclude_context_items=True)
+    assert torch.allclose(picked, got.gather(-1, others[:, None])[:, 0], rtol=1e-12, atol=1e-300)
+    assert torch.allclose(bl.exclude_context(probs_of(counts, t), t, direction), got, rtol=1e-12, atol=0)
+    assert torch.allclose(probs_of(counts, t), full[keep], rtol=1e-12, atol=0)
+
+
+def test_no_repeat_refuses_repeated_items(splits):
+    counts = bl.item_counts(splits[0])
+    t = counts.targets(_data([["a", "b", "a"]], splits[0].items))
+    with pytest.raises(ValueError, match="already in its context"):
+        bl.popularity_probs(counts, t, 1.0, exclude_context_items=True)
+    with pytest.raises(ValueError, match="already in its context"):
+        bl.cooccurrence_probs(counts, t, 1.0, _pop(1.0), rule="product", exclude_context_items=True)
+
+
+@pytest.mark.parametrize("direction", ["uni", "bi"])
+def test_no_repeat_popularity_equals_efa_with_a_zero_readout(splits, direction):
+    """As :func:`test_popularity_equals_efa_with_a_zero_readout`, with ``exclude_context_items``:
+    EFA's ``softmax(intercept)`` without the context items is the no-repeat popularity at
+    ``alpha=1``."""
+    train = splits[0]
+    test = _data(TEST, train.items, [[False, True, False], [False], [False, False, True, False]])
+    model = EFA.from_data(
+        train, direction=direction, dim=4, num_layers=1, num_heads=1, head_dim=4,
+        exclude_context_items=True,
+    )  # fmt: skip
+    fitted = fit(model, train, options=FitOptions(num_epochs=1, seed=0), progress=False)
+    with torch.no_grad():
+        rho = [p for name, p in fitted.guide.named_parameters() if "rho" in name]
+        assert rho
+        for p in rho:
+            p.zero_()
+        fitted.efa.init_intercept(train)
+    metrics = evaluate(fitted, test)
+    counts = bl.item_counts(train)
+    t = counts.targets(test)
+    assert metrics["num_observations"] == len(t) == 6
+    probs = bl.popularity_probs(counts, t, 1.0, exclude_context_items=True, direction=direction)
+    ce = bl.cross_entropy(probs, t)
+    assert metrics["nll"] == pytest.approx(ce, abs=1e-5)
+    plain = bl.cross_entropy(bl.popularity_probs(counts, t, 1.0), t)
+    assert ce < plain - 0.1  # the exclusion matters here
+
+
+def test_no_repeat_rows(splits):
+    rows = bl.item_baselines("tiny", splits, no_repeat=True)
+    plain = bl.item_baselines("tiny", splits)
+    assert [(r["model"], r["direction"]) for r in rows] == [(r["model"], r["direction"]) for r in plain]
+    for row, base in zip(rows, plain, strict=True):
+        assert row["architecture"].endswith(", no repeats (exclude_context_items)")
+        assert row["architecture"].endswith(bl.NO_REPEATS) and "no repeats" in row["architecture"]
+        assert "no repeats" not in base["architecture"] and "(validation)" in row["architecture"]
+        assert row["options"]["exclude_context_items"] is True
+        assert "exclude_context_items" not in base["options"]
+        assert set(row) == set(base) and row["experiment"] == "tiny"
+        # the exclusion can only help: the plain options, excluded, beat the plain row already
+        assert row["val"] <= base["val"]
+    # popularity: alpha chosen on validation under the exclusion, per direction
+    counts = bl.item_counts(splits[0])
+    val, test = counts.targets(splits[1]), counts.targets(splits[2])
+    for row in (rows[0], rows[2]):
+
+        def ce(t, alpha, direction=row["direction"]):
+            return bl.cross_entropy(
+                bl.popularity_probs(counts, t, alpha, exclude_context_items=True, direction=direction), t
+            )
+
+        best = min(bl.POPULARITY_GRID, key=lambda g: ce(val, g["alpha"]))  # first on a tie
+        assert row["options"] == {**best, "exclude_context_items": True}
+        assert row["val"] == ce(val, best["alpha"]) and row["test"] == ce(test, best["alpha"])
+    markov, cooc = rows[1]["options"], rows[3]["options"]
+    pop = (counts.item + markov["popularity_alpha"]) / (counts.item.sum() + markov["popularity_alpha"] * N)
+    probs = bl.markov_probs(
+        counts, test, markov["alpha"], markov["alpha_first"], pop, exclude_context_items=True
+    )
+    assert rows[1]["test"] == bl.cross_entropy(probs, test)
+    assert cooc["popularity_alpha"] == rows[2]["options"]["alpha"]  # the bi popularity's alpha
+    # the experiments' baselines: the plain rows, then the no-repeat rows
+    both = bl.experiment_baselines("tiny")(splits, None)
+    assert [{**r, "seconds": 0} for r in both] == [{**r, "seconds": 0} for r in plain + rows]
+
+
+# ------------------------------------------------------------------------------------------------
 # real data
 def test_movielens_items(data_dir):
     splits = get("movielens_items").load(data_dir)
@@ -276,3 +435,8 @@ def test_movielens_items(data_dir):
     # the context helps: each baseline with a context beats popularity on the validation units
     assert rows["markov", "uni"]["val"] < rows["popularity", "uni"]["val"]
     assert rows["cooccurrence", "bi"]["val"] < rows["popularity", "bi"]["val"]
+    # the no-repeat rows: the exclusion helps (never hurts) on the validation units
+    no_repeat = bl.item_baselines("movielens_items", splits, no_repeat=True)
+    for row in no_repeat:
+        assert "no repeats" in row["architecture"]
+        assert row["val"] <= rows[row["model"], row["direction"]]["val"]

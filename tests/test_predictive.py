@@ -22,8 +22,8 @@ from pyro_efa import (
     posterior_predictive,
     predict,
 )
-from pyro_efa.errors import InputError
 from pyro_efa.diagnostics import pit
+from pyro_efa.errors import InputError
 from pyro_efa.families import get_family
 
 FAMILY = {
