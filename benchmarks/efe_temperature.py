@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     wide = df.pivot(index="date", columns="city", values="temperature")
     days = wide.index[wide.index.month == T.PAPER_MONTH]
     x = wide.reindex(days).to_numpy()
-    train, val, test = T._year_masks(days)
+    splits = (T.TRAIN_YEARS, T.VAL_YEARS, T.TEST_YEARS)
+    train, val, test = (np.isin(days.year, list(years)) for years in splits)
     steps = 20 if args.smoke else 3000
     ranks = (1, 2) if args.smoke else (1, 2, 4, 8, 16, 32, 43)
     runs = [(f"rank {r}, standardised, L-BFGS", {"rank": r}) for r in ranks]

@@ -183,14 +183,13 @@ def test_context_only_observations_are_contexts_not_targets(splits):
 
 # ------------------------------------------------------------------------------------------------
 # the same targets and metric as EFA
-@pytest.mark.parametrize("direction", ["uni", "bi"])
-def test_popularity_equals_efa_with_a_zero_readout(splits, direction):
-    """An EFA whose readout embeddings are zero predicts ``softmax(intercept)`` everywhere, and its
-    intercept starts at the add-one training frequencies: ``evaluate`` then reports the popularity
-    baseline's cross-entropy at ``alpha=1``, over the same targets (context-only ones left out)."""
+def _zero_readout_efa(splits, direction, **config):
+    """A tiny EFA fitted one epoch, its readout ``rho`` set to zero and its intercept to the
+    add-one training frequencies: the training units, the test units with context-only rows,
+    and ``evaluate`` of the EFA on them."""
     train = splits[0]
     test = _data(TEST, train.items, [[False, True, False], [False], [False, False, True, False]])
-    model = EFA.from_data(train, direction=direction, dim=4, num_layers=1, num_heads=1, head_dim=4)
+    model = EFA.from_data(train, direction=direction, dim=4, num_layers=1, num_heads=1, head_dim=4, **config)
     fitted = fit(model, train, options=FitOptions(num_epochs=1, seed=0), progress=False)
     with torch.no_grad():
         rho = [p for name, p in fitted.guide.named_parameters() if "rho" in name]
@@ -198,7 +197,15 @@ def test_popularity_equals_efa_with_a_zero_readout(splits, direction):
         for p in rho:
             p.zero_()
         fitted.efa.init_intercept(train)
-    metrics = evaluate(fitted, test)
+    return train, test, evaluate(fitted, test)
+
+
+@pytest.mark.parametrize("direction", ["uni", "bi"])
+def test_popularity_equals_efa_with_a_zero_readout(splits, direction):
+    """An EFA whose readout embeddings are zero predicts ``softmax(intercept)`` everywhere, and its
+    intercept starts at the add-one training frequencies: ``evaluate`` then reports the popularity
+    baseline's cross-entropy at ``alpha=1``, over the same targets (context-only ones left out)."""
+    train, test, metrics = _zero_readout_efa(splits, direction)
     counts = bl.item_counts(train)
     t = counts.targets(test)
     assert metrics["num_observations"] == len(t) == bl.num_targets(test) == 6
@@ -359,20 +366,7 @@ def test_no_repeat_popularity_equals_efa_with_a_zero_readout(splits, direction):
     """As :func:`test_popularity_equals_efa_with_a_zero_readout`, with ``exclude_context_items``:
     EFA's ``softmax(intercept)`` without the context items is the no-repeat popularity at
     ``alpha=1``."""
-    train = splits[0]
-    test = _data(TEST, train.items, [[False, True, False], [False], [False, False, True, False]])
-    model = EFA.from_data(
-        train, direction=direction, dim=4, num_layers=1, num_heads=1, head_dim=4,
-        exclude_context_items=True,
-    )  # fmt: skip
-    fitted = fit(model, train, options=FitOptions(num_epochs=1, seed=0), progress=False)
-    with torch.no_grad():
-        rho = [p for name, p in fitted.guide.named_parameters() if "rho" in name]
-        assert rho
-        for p in rho:
-            p.zero_()
-        fitted.efa.init_intercept(train)
-    metrics = evaluate(fitted, test)
+    train, test, metrics = _zero_readout_efa(splits, direction, exclude_context_items=True)
     counts = bl.item_counts(train)
     t = counts.targets(test)
     assert metrics["num_observations"] == len(t) == 6
