@@ -88,5 +88,6 @@ class EFAPlusLinear(PyroModule):
             )
 
     def forward(self, data: EFAData, sample: bool = False) -> torch.Tensor:
-        eta = self.efa.natural_params(data)
-        return self.efa.observe(data, eta + self.linear(data), sample=sample)
+        select, weights = self.efa.target_subset(data)  # the EFA's target_fraction, if any
+        eta = self.efa.natural_params(data, select=select)
+        return self.efa.observe(data, eta + self.linear(data), sample=sample, select=select, weights=weights)

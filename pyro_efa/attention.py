@@ -266,7 +266,7 @@ class EFAEncoder(nn.Module):
         out = query.new_zeros(query.shape)
         for b, i in self._chunks(select):
             p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, ctx, b, i)
-            out[b, i] = self._per_target_layers(tokens, is_query, allowed)[-1][p, i]
+            out[b, i] = self._per_target_layers(tokens, is_query, allowed, p, i)[1]
         return out
 
     def _chunks(self, select: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -275,16 +275,24 @@ class EFAEncoder(nn.Module):
             yield b_all[start : start + self.chunk_size], i_all[start : start + self.chunk_size]
 
     def _per_target_layers(
-        self, tokens: torch.Tensor, is_query: torch.Tensor, allowed: torch.Tensor
-    ) -> list[torch.Tensor]:
-        # the states of every per-target sequence after each block (a fixed stream keeps the
-        # content tokens as they came in)
-        x, out = tokens, []
-        for block in self.blocks:
+        self,
+        tokens: torch.Tensor,
+        is_query: torch.Tensor,
+        allowed: torch.Tensor,
+        p: torch.Tensor,
+        i: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        # the states (P, n, d) of every per-target sequence entering each block (a fixed stream
+        # keeps the content tokens as they came in), and the query state z (P, d) of each target
+        # after the last block, which computes that row only (the others are never read)
+        x, inputs = tokens, []
+        for block in self.blocks[:-1]:
+            inputs.append(x)
             y = block(x, x, allowed)
             x = torch.where(is_query[..., None], y, tokens) if self.context_stream == "fixed" else y
-            out.append(x)
-        return out
+        inputs.append(x)
+        z = self.blocks[-1](x[p, i].unsqueeze(-2), x, allowed[p, i].unsqueeze(-2))
+        return inputs, z.squeeze(-2)
 
     def _per_target_inputs(
         self,
@@ -347,9 +355,8 @@ class EFAEncoder(nn.Module):
         weights = [query.new_zeros(B, block.num_heads, n, n) for block in self.blocks]
         for b, i in self._chunks(mask):
             p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, ctx, b, i)
-            x = tokens
-            states = self._per_target_layers(tokens, is_query, allowed)
-            for layer, (block, x_next) in enumerate(zip(self.blocks, states, strict=True)):
-                weights[layer][b, :, i] = block.weights(x, x, allowed)[p, :, i]
-                x = x_next
+            inputs, _ = self._per_target_layers(tokens, is_query, allowed, p, i)
+            for layer, (block, x) in enumerate(zip(self.blocks, inputs, strict=True)):
+                row = allowed[p, i].unsqueeze(-2)
+                weights[layer][b, :, i] = block.weights(x[p, i].unsqueeze(-2), x, row)[..., 0, :]
         return weights

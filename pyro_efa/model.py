@@ -320,7 +320,7 @@ class EFA(PyroModule):
             observed values (posterior predictive of each conditional).
         :returns: ``(B, L)`` the observed or drawn values.
         """
-        select, weights = self._target_subset(data)
+        select, weights = self.target_subset(data)
         eta = self.natural_params(data, select=select)
         return self.observe(data, eta, sample=sample, select=select, weights=weights)
 
@@ -449,9 +449,21 @@ class EFA(PyroModule):
         onehot = torch.nn.functional.one_hot(data.values.long(), self.num_items).to(ctx.dtype)
         return (ctx @ onehot) > 0
 
-    def _target_subset(self, data: EFAData) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        # an unbiased random subset of each unit's targets (training with per-target encoding;
-        # one pass computes every target anyway, so a subset would only add variance)
+    def target_subset(self, data: EFAData) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The targets to train on in this step and their log-likelihood weights.
+
+        With per-target encoding and ``config.target_fraction < 1``, in training mode: a random
+        ``ceil(n * target_fraction)`` of each unit's ``n`` targets, weighted ``n / m`` so that the
+        log likelihood stays unbiased. Otherwise ``(None, None)``: every target, weight 1. A
+        larger model that composes :meth:`natural_params` and :meth:`observe` passes both on::
+
+            select, weights = efa.target_subset(data)
+            eta = efa.natural_params(data, select=select) + other_term
+            efa.observe(data, eta, select=select, weights=weights)
+
+        :returns: ``select (B, L)`` and ``weights (B, L)``, or ``(None, None)``.
+        """
+        # one pass computes every target anyway, so a subset would only add variance
         if not self.training or self.config.target_fraction >= 1.0 or not self.config.per_target:
             return None, None
         targets = data.target & data.mask

@@ -146,6 +146,42 @@ def test_one_pass_equals_per_target(dtype, kind, lengths, kwargs):
     assert one[real].std() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(num_layers=2), id="shared-L2"),
+        pytest.param(dict(num_layers=3, layer_norm=True, ff_dim=16, num_heads=2), id="shared-L3-ln-ff"),
+        pytest.param(dict(num_layers=3, context_stream="fixed"), id="fixed-L3"),
+        pytest.param(dict(num_layers=2, attend_self=False), id="shared-L2-noself"),
+    ],
+)
+def test_per_target_equals_brute_force(f64, kwargs):
+    # the paper's bidirectional encoding, one unit and target at a time: the unit's real tokens
+    # with token i replaced by its query token, every block applied to the whole sequence, row i
+    data = make_data("gaussian", (1, 3, 6))
+    model = make_model(data, "gaussian", direction="bi", **kwargs).eval()
+    enc = model.encoder
+    B, n = data.mask.shape
+    content, query = torch.randn(B, n, 8), torch.randn(B, n, 8)
+    z = enc(content, query, data.mask, mode="per_target")
+    for b in range(B):
+        real = data.mask[b].nonzero().squeeze(-1)
+        m = real.numel()
+        for i in range(m):
+            tokens = content[b, real].clone()
+            tokens[i] = query[b, real[i]]
+            allowed = torch.ones(m, m, dtype=torch.bool)
+            allowed[i, i] = enc.attend_self
+            x = tokens.unsqueeze(0)
+            for block in enc.blocks:
+                y = block(x, x, allowed.unsqueeze(0))
+                if enc.context_stream == "fixed":  # only the query token is updated
+                    y = torch.where((torch.arange(m) == i)[None, :, None], y, tokens)
+                x = y
+            expected = x[0, i] if m > 1 else torch.zeros(8)  # no context: z = 0 (the intercept)
+            torch.testing.assert_close(z[b, real[i]], expected, rtol=1e-10, atol=1e-10)
+
+
 def test_per_target_select_computes_only_selected(f64):
     data = make_data("gaussian", (3, 7))
     model = make_model(data, "gaussian", direction="bi", num_layers=2)

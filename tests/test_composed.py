@@ -101,3 +101,24 @@ def test_refuses_unidirectional_models_and_repeated_keys() -> None:
     model = _model(_data())
     with pytest.raises(InputError, match="unit 0 has two observations"):
         fit(model, repeated, num_epochs=1, progress=False)
+
+
+def test_trains_on_the_efa_target_fraction() -> None:
+    """The composed model passes the EFA's random target subset and weights on: in training a
+    per-target EFA with ``target_fraction=0.5`` scores ceil(n / 2) targets of each unit, each
+    weighted n / m; in evaluation every target, weight 1."""
+    data = _data()
+    torch.manual_seed(0)
+    config = EFAConfig(direction="bi", dim=4, num_layers=2, target_fraction=0.5, name="efa")
+    model = EFAPlusLinear(EFA.from_data(data, config), prior_scale=0.5)
+    n = (data.target & data.mask).sum(-1)
+    m = torch.ceil(n / 2)
+    for training, counts in ((True, m), (False, n)):
+        model.train(training)
+        tr = pyro.poutine.trace(model).get_trace(data)
+        tr.compute_log_prob()
+        site = tr.nodes["efa.x"]
+        torch.testing.assert_close((site["log_prob"] != 0).sum(-1), counts.long())
+        if training:  # each unit's log likelihood weighted n / m (unbiased)
+            scale = torch.as_tensor(site["scale"]).expand_as(data.mask)[:, 0]
+            torch.testing.assert_close(scale, (n / m).to(scale.dtype))
