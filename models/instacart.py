@@ -23,8 +23,8 @@ Bidirectional: the same with ``context_stream="fixed"`` (each target's query str
 content tokens that are never updated: exact in one pass, NOT the paper's architecture, where the
 context tokens also attend to each other and every basket is re-encoded once per target).
 ``benchmarks/reproduce.py`` runs the paper's architecture beside it, trained on a quarter of each
-basket's targets per step (``target_fraction=0.25``, unbiased): about 10 minutes per fit on one
-idle CPU thread, test CE 3.414 over seeds 0-2 against the fixed context's 3.397. EFE via
+basket's targets per step (``target_fraction=0.25``, unbiased): about 8 minutes per fit on one
+CPU thread, test CE 3.414 over seeds 0-2 against the fixed context's 3.397. EFE via
 ``EFA.efe`` (sum of the context items' embeddings). A batch holds whole baskets with all their
 targets: Adam lr 3e-3, batch 64 baskets (about 700 targets), the learning rate halved after
 3 epochs without validation improvement (``lr_decay=0.5, lr_patience=2``), patience 8. Validation

@@ -58,11 +58,11 @@ predictor (a city not read that day, a lag day not in the file) is filled with i
 (0 once standardised); only read targets are fitted and predicted. On the October file with the
 missing readings left out (47 cities, 11 readings missing): 8.73, 8.40, 9.15; the k-nearest-city
 baseline 10.81 at k = 3 chosen on validation (10.60 with the 44 cities). On the validation years
-the recommended EFA is ahead of the ridge (7.80 vs 8.01 same day, 6.76 vs 7.20 with 1 lag day); on
-the test years it is behind (9.81, 8.67). EFA plus a linear term of the other cities, a composed
+the recommended EFA is ahead of the ridge (7.80 vs 8.01 same day, 6.91 vs 7.20 with 1 lag day); on
+the test years it is behind (9.81, 8.87). EFA plus a linear term of the other cities, a composed
 Pyro model (``pyro_efa.models.composed.EFAPlusLinear``, prior scale 0.1 chosen on validation), is
-ahead of the ridge with lag days (test 8.38 with 1, 8.41 with 2) and behind on the same day (9.69);
-``benchmarks/reproduce.py`` reports it as its own row.
+ahead of the ridge with lag days (test 8.40 with 1, 8.41 with 2) and behind on the same day (9.69);
+``benchmarks/reproduce.py`` reports it as its own row (the same-day one with ``--extended``).
 
 Both baselines score the readings of the validation and test days only (missing ones are no
 target) and leave out of the targets, with a warning and in the table's ``attrs["left_out"]``, a
@@ -79,7 +79,8 @@ LayerNorm, d = 32, 2 heads of width 16, batch 8 days (352 targets).
 - 1 previous day as context: the paper's architecture, 4 layers, which re-encodes 88 tokens per
   target, trained on a quarter of the targets of each day per step (``target_fraction=0.25``,
   unbiased), lr 3e-3 halved after 4 epochs without validation improvement (``lr_decay=0.5,
-  lr_patience=3``), patience 10: validation MSE **6.76** over seeds 0-2 (about 5 minutes per fit;
+  lr_patience=3``), patience 10: validation MSE **6.76** over seeds 0-2 when chosen (6.91 in the
+  latest ``benchmarks/reproduce.py`` run, still the best plain EFA; about 5 minutes per fit;
   at a constant lr 7.44, seed 0). The one-pass ``context_stream="fixed"`` is 15 times cheaper
   but worse on validation: 2 layers with the same halving and patience 20, 7.28 over seeds 0-4
   (constant lr, seed 0: 7.48; 4 layers with lr 1e-3: 8.27; d = 64: 7.49); without LayerNorm
@@ -90,7 +91,7 @@ LayerNorm, d = 32, 2 heads of width 16, batch 8 days (352 targets).
   7.48, 7.13), with 7.25 (7.03, 7.46, 7.27); so **without LayerNorm**, now a validation choice.
 
 **LayerNorm and the test years.** For the fixed stream the validation years cannot choose
-between LayerNorm and none (7.28 vs 7.30), but the test years can (test MSE 9.55 vs 8.87, seeds
+between LayerNorm and none (7.28 vs 7.30), but the test years can (test MSE 9.56 vs 8.83, seeds
 0-2): October 2019 holds a cold wave far below every training day (Casper, WY 1.9 F on Oct 30;
 the coldest training day is 14.4 F) and record heat, and a LayerNorm right before the linear
 readout bounds the natural parameter, so extremes are pulled toward the mean (5 of the 93 test

@@ -76,6 +76,25 @@ def test_plan_covers_every_row() -> None:
     assert {j["overrides"].get("key_embedding") for j in efe} == {None, "mlp"}
     only_efe = rp.plan([0], list(rp.EXPERIMENTS), smoke=True, data_dir=Path("."), models=("efe",))
     assert only_efe and {j["model"] for j in only_efe} == {"efe"}
+    # the slow rows beside the table only with --extended: Instacart with no repeats, the
+    # same-day temperature EFA + linear term (the other no-repeat and linear-term rows stay)
+    extended = rp.plan([0], list(rp.EXPERIMENTS), smoke=True, data_dir=Path("."), extended=True)
+    default = rp.plan([0], list(rp.EXPERIMENTS), smoke=True, data_dir=Path("."))
+    extra = [j for j in extended if j not in default]
+    assert all(j in extended for j in default)
+
+    def no_repeat(j: dict) -> bool:
+        return bool(j.get("overrides", {}).get("exclude_context_items"))
+
+    assert {(j["experiment"], no_repeat(j), j.get("linear_term")) for j in extra} == {
+        ("instacart", True, None),
+        ("temperature", False, rp.LINEAR_PRIOR),
+    }
+    assert any(no_repeat(j) and j["experiment"] == "movielens_items" for j in default)
+    assert {j["experiment"] for j in default if j.get("linear_term")} == {
+        "temperature_lag1",
+        "temperature_lag2",
+    }
 
 
 def test_partial_rerun_keeps_the_other_rows(tmp_path: Path) -> None:
