@@ -218,6 +218,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         "metric": metric,
         "architecture": architecture,
         "recommended": job.get("recommended", True),
+        "extended": job.get("extended", False),
         "test_informed": job.get("test_informed", False),
         "val": evaluate(fitted, val)[metric],
         "test": evaluate(fitted, test)[metric],
@@ -265,6 +266,7 @@ def plan(
                         jobs.append({
                             "experiment": experiment, "model": model, "direction": direction, "seed": seed,
                             "overrides": {**base, **NO_REPEAT}, "fit_overrides": {}, "recommended": False,
+                            "extended": experiment in NO_REPEAT_EXTENDED,
                         })  # fmt: skip
     jobs = [j for j in jobs if j["model"] in models]
     cost = {"instacart": 0, "temperature_lag1": 1, "temperature": 2, "temperature_lag2": 3, "synthetic": 4}
@@ -298,7 +300,7 @@ def _default_jobs(seeds: list[int], experiments: list[str], extended: bool) -> l
                         if variants is not None:
                             job.update(
                                 overrides=v.overrides, fit_overrides=v.fit_overrides, recommended=i == 0,
-                                test_informed=v.test_informed, linear_term=v.linear_term,
+                                test_informed=v.test_informed, linear_term=v.linear_term, extended=v.extended,
                             )  # fmt: skip
                         jobs.append(job)
     # MAP vs AutoNormal on MovieLens ratings, and the coverage of the 90% predictive interval
@@ -631,17 +633,9 @@ MISSED = [
 ]
 
 
-def extended_run(run: dict[str, Any]) -> bool:
-    """Whether a per-seed result is of a row that only ``--extended`` runs."""
-    no_repeat = "no repeats" in run["architecture"] and run["experiment"] in NO_REPEAT_EXTENDED
-    extended_variants = [v for v in BI_VARIANTS.get(run["experiment"], []) if v.extended]
-    linear = "linear term" in run["architecture"] and any(v.linear_term for v in extended_variants)
-    return run["model"] in ("efa", "efe") and (no_repeat or linear)
-
-
 def write_all(out: Path, results: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, Any]]:
     rows = summarise(results)
-    info["extended"] = any(extended_run(r) for r in results)
+    info["extended"] = any(r.get("extended") for r in results)  # a row only --extended runs
     info["fit_seconds"] = sum(r["seconds"] for r in results)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".reproduce.json.tmp"

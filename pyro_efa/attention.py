@@ -356,7 +356,7 @@ class EFAEncoder(nn.Module):
         for b, i in self._chunks(mask):
             p, is_query, tokens, allowed = self._per_target_inputs(content, query, mask, ctx, b, i)
             inputs, _ = self._per_target_layers(tokens, is_query, allowed, p, i)
+            row = allowed[p, i].unsqueeze(-2)  # the query row of each sequence
             for layer, (block, x) in enumerate(zip(self.blocks, inputs, strict=True)):
-                row = allowed[p, i].unsqueeze(-2)
                 weights[layer][b, :, i] = block.weights(x[p, i].unsqueeze(-2), x, row)[..., 0, :]
         return weights
